@@ -1,0 +1,32 @@
+# SPDX-License-Identifier: Apache-2.0
+"""pyro_sp: sampling parallelism for Pyro.
+
+Split the vectorized particles of an ELBO over ``torch.distributed`` ranks and
+get exactly the single-process estimator back.
+"""
+
+from pyro_sp import poutine
+from pyro_sp.infer import (
+    DistributedELBO,
+    DistributedJitTrace_ELBO,
+    DistributedTrace_ELBO,
+    DistributedTraceMeanField_ELBO,
+)
+from pyro_sp.mesh import SPMesh, default_mesh, init_mesh, particle_share
+from pyro_sp.rng import RNGStream
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DistributedELBO",
+    "DistributedJitTrace_ELBO",
+    "DistributedTraceMeanField_ELBO",
+    "DistributedTrace_ELBO",
+    "RNGStream",
+    "SPMesh",
+    "__version__",
+    "default_mesh",
+    "init_mesh",
+    "particle_share",
+    "poutine",
+]

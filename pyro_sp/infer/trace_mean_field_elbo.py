@@ -1,0 +1,18 @@
+# SPDX-License-Identifier: Apache-2.0
+from __future__ import annotations
+
+from pyro.infer import TraceMeanField_ELBO
+
+from .distributed_elbo import DistributedELBO
+
+__all__ = ["DistributedTraceMeanField_ELBO"]
+
+
+class DistributedTraceMeanField_ELBO(DistributedELBO, TraceMeanField_ELBO):
+    """
+    :class:`~pyro.infer.TraceMeanField_ELBO` (analytic KL between guide and
+    prior where it is known), sharded like
+    :class:`~pyro_sp.infer.DistributedTrace_ELBO`. The cheap path for
+    Bayesian neural networks with mean-field guides: the KL terms need no
+    particles, the likelihood uses this rank's share.
+    """

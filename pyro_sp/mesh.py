@@ -1,0 +1,239 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The 2-D process grid of sampling parallelism: a *sample* axis that splits
+Monte Carlo particles and a *data* axis that splits minibatches.
+
+Global rank ``r`` sits at data coordinate ``r // sample`` and sample
+coordinate ``r % sample``: the ranks of one sample group are adjacent, so on
+a multi-GPU host a sample group shares the fastest links.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["SPMesh", "default_mesh", "init_mesh", "particle_share"]
+
+#: Default timeout of every collective: a rank that stops answering turns into
+#: an error on the others after this long instead of a hang.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def particle_share(num_particles: int, sample_size: int, sample_index: int) -> tuple[int, int]:
+    """
+    The half-open range ``[lo, hi)`` of particles held by one rank of the sample
+    axis, following :func:`torch.tensor_split`: the first
+    ``num_particles % sample_size`` ranks hold one particle more.
+
+    :param int num_particles: global number of particles :math:`N`.
+    :param int sample_size: size :math:`S` of the sample axis.
+    :param int sample_index: this rank's coordinate on the sample axis.
+    :returns: ``(lo, hi)`` with ``hi - lo`` equal to :math:`\\lfloor N/S \\rfloor`
+        or :math:`\\lceil N/S \\rceil`.
+    """
+    if num_particles < sample_size:
+        raise ValueError(
+            f"Expected num_particles >= {sample_size} (the sample axis size), got "
+            f"{num_particles}. Use more particles or a smaller sample axis."
+        )
+    if not 0 <= sample_index < sample_size:
+        raise ValueError(
+            f"Expected 0 <= sample_index < {sample_size}, got sample_index={sample_index}."
+        )
+    base, extra = divmod(num_particles, sample_size)
+    lo = sample_index * base + min(sample_index, extra)
+    hi = lo + base + (1 if sample_index < extra else 0)
+    return lo, hi
+
+
+@dataclass
+class SPMesh:
+    """
+    The degrees of sampling parallelism (``sample``) and data parallelism
+    (``data``) of a job of ``sample * data`` ranks, and the process groups that
+    go with them.
+
+    Built over an initialised default process group, or, when there is none,
+    as the single-process mesh (``sample = data = 1``) on which every
+    collective of pyro_sp is a no-op. Usually made by :func:`init_mesh`.
+
+    The :class:`~torch.distributed.device_mesh.DeviceMesh` with axes
+    ``("data", "sample")`` is built lazily, the first time a per-axis group
+    is asked for.
+
+    :param int sample: ranks that share one minibatch and split the particles.
+    :param int data: ranks (sample groups) that see different minibatches.
+    :param str device_type: device type of the :class:`DeviceMesh`
+        (``"cuda"`` or ``"cpu"``); by default ``"cuda"`` under NCCL.
+    """
+
+    sample: int = 1
+    data: int = 1
+    device_type: str | None = None
+    _device_mesh: object = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name, value in (("sample", self.sample), ("data", self.data)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"Expected positive integer mesh degrees, got sample={self.sample!r}, "
+                    f"data={self.data!r} ({name} is invalid)."
+                )
+        world = self.world_size
+        if self.sample * self.data != world:
+            raise ValueError(
+                f"Expected sample * data == world size, got sample={self.sample}, "
+                f"data={self.data} (product {self.sample * self.data}) on world size "
+                f"{world}. Choose degrees whose product is the number of ranks"
+                + (
+                    f", e.g. sample={self.sample}, data={world // self.sample}."
+                    if world % self.sample == 0
+                    else "."
+                )
+            )
+        if self.device_type is None:
+            backend = dist.get_backend() if self.is_distributed else "gloo"
+            self.device_type = "cuda" if backend == "nccl" else "cpu"
+
+    # ---- sizes and coordinates -------------------------------------------------
+    @property
+    def is_distributed(self) -> bool:
+        """Whether a default process group exists (even of size one)."""
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if self.is_distributed else 1
+
+    @property
+    def rank(self) -> int:
+        """This process's global rank."""
+        return dist.get_rank() if self.is_distributed else 0
+
+    @property
+    def sample_index(self) -> int:
+        """This rank's coordinate on the sample axis."""
+        return self.rank % self.sample
+
+    @property
+    def data_index(self) -> int:
+        """This rank's coordinate on the data axis: which minibatch stream it reads."""
+        return self.rank // self.sample
+
+    @property
+    def sample_enabled(self) -> bool:
+        return self.sample > 1
+
+    @property
+    def data_enabled(self) -> bool:
+        return self.data > 1
+
+    def particle_share(self, num_particles: int) -> tuple[int, int]:
+        """This rank's particles ``[lo, hi)`` of ``num_particles`` (see :func:`particle_share`)."""
+        return particle_share(num_particles, self.sample, self.sample_index)
+
+    def data_shard(self) -> tuple[int, int]:
+        """``(index, size)`` of this rank on the data axis: feed minibatch stream ``index`` of ``size``."""
+        return self.data_index, self.data
+
+    # ---- groups ----------------------------------------------------------------
+    @property
+    def device_mesh(self):
+        """The :class:`~torch.distributed.device_mesh.DeviceMesh` with axes ``("data", "sample")``."""
+        if not self.is_distributed:
+            raise RuntimeError(
+                "Expected an initialised process group to build a DeviceMesh, found none. "
+                "Call pyro_sp.init_mesh() under torchrun."
+            )
+        if self._device_mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._device_mesh = init_device_mesh(
+                self.device_type, (self.data, self.sample), mesh_dim_names=("data", "sample")
+            )
+        return self._device_mesh
+
+    def get_group(self, axis: str):
+        """The process group of ``axis`` (``"sample"``, ``"data"`` or ``"world"``) holding this rank."""
+        if axis not in ("sample", "data", "world"):
+            raise ValueError(f"Expected axis 'sample', 'data' or 'world', got {axis!r}.")
+        if not self.is_distributed:
+            raise RuntimeError(f"The single-process mesh has no {axis!r} group.")
+        if axis == "world":
+            return dist.group.WORLD
+        return self.device_mesh.get_group(axis)
+
+    def get_optional_group(self, axis: str):
+        """Like :meth:`get_group`, but ``None`` on the single-process mesh."""
+        return self.get_group(axis) if self.is_distributed else None
+
+    def __repr__(self) -> str:
+        return (
+            f"SPMesh(sample={self.sample}, data={self.data}, rank={self.rank}, "
+            f"coords=(data={self.data_index}, sample={self.sample_index}), "
+            f"device_type={self.device_type!r})"
+        )
+
+
+def default_mesh() -> SPMesh:
+    """
+    The mesh used when none is given: every rank of the default process group
+    on the sample axis, or the single-process mesh when there is no group.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return SPMesh(sample=dist.get_world_size(), data=1)
+    return SPMesh()
+
+
+def _in_torchrun() -> bool:
+    return all(v in os.environ for v in _TORCHRUN_VARS)
+
+
+def init_mesh(
+    sample: int | None = None,
+    data: int | None = None,
+    *,
+    backend: str | None = None,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+) -> SPMesh:
+    """
+    Initialise the default process group from the torchrun environment (if
+    not already done) and return the :class:`SPMesh` over it.
+
+    Outside torchrun, with no process group, returns the single-process mesh.
+    Give ``sample``, ``data``, both or neither (then every rank is on the
+    sample axis); the missing degree is ``world_size // given``.
+
+    :param int sample: size of the sample axis.
+    :param int data: size of the data axis.
+    :param str backend: ``"nccl"`` or ``"gloo"``; default NCCL when CUDA is
+        available, else gloo.
+    :param datetime.timedelta timeout: timeout of every collective.
+    """
+    if not dist.is_initialized() and _in_torchrun():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if sample is None and data is None:
+        sample = world
+    for name, given in (("sample", sample), ("data", data)):
+        if given is not None and (not isinstance(given, int) or given < 1 or world % given):
+            raise ValueError(
+                f"Expected {name} to be a positive divisor of the world size {world}, got "
+                f"sample={sample}, data={data}. Launch a multiple of {given} ranks or "
+                f"change {name}."
+            )
+    if sample is None:
+        sample = world // data
+    if data is None:
+        data = world // sample
+    return SPMesh(sample=sample, data=data)
