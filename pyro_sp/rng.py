@@ -39,6 +39,16 @@ class RNGStream:
         self._cuda_states: dict[int, torch.Tensor] = {}
         self._saved: list = []
 
+    def get_state(self) -> tuple:
+        """A snapshot of the stream (outside a ``with`` block)."""
+        return self._cpu_state.clone(), {d: s.clone() for d, s in self._cuda_states.items()}
+
+    def set_state(self, state: tuple) -> None:
+        """Rewind the stream to a snapshot from :meth:`get_state`."""
+        cpu, cuda = state
+        self._cpu_state = cpu.clone()
+        self._cuda_states = {d: s.clone() for d, s in cuda.items()}
+
     def _cuda_device(self) -> int | None:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             return torch.cuda.current_device()

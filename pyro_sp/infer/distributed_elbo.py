@@ -165,7 +165,12 @@ class DistributedELBO:
         if not self.mesh.is_distributed:
             return method(model, guide, *args, **kwargs)
         self._setup_streams()
+        # a setup round (new parameters) rewinds the streams: the call's result is the
+        # same as if the parameters had been synchronised beforehand
+        rng_states = self._particle_rng.get_state(), self._subsample_rng.get_state()
         for _ in range(_MAX_SETUP_ROUNDS):
+            self._particle_rng.set_state(rng_states[0])
+            self._subsample_rng.set_state(rng_states[1])
             stash = self._stash_grads() if kind == "loss_and_grads" else None
             result, error, params = None, None, {}
             try:

@@ -1,0 +1,167 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Every misuse is a clear error on every rank, never a hang; the ranks stay
+usable afterwards."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.distributed as tdist
+
+import pyro_sp
+from tests.models import make_data, make_guide, model, param_guide
+
+
+def _loss(elbo, guide=param_guide, model_fn=model):
+    x, y = make_data(0)
+    return elbo.loss_and_grads(model_fn, guide, x, y)
+
+
+def too_few_particles():
+    pyro_sp.DistributedTrace_ELBO(num_particles=2, mesh=pyro_sp.SPMesh(sample=3))
+
+
+def disagreeing_num_particles():
+    rank = tdist.get_rank()
+    _loss(pyro_sp.DistributedTrace_ELBO(num_particles=8 + rank, mesh=pyro_sp.SPMesh(sample=2)))
+
+
+def _guide_with_extra_param(x, y):
+    param_guide(x, y)
+    if tdist.get_rank() == 1:
+        pyro.param("extra", torch.zeros(2))
+
+
+def disagreeing_param_names():
+    _loss(pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2)), _guide_with_extra_param)
+
+
+def _guide_with_other_shape(x, y):
+    param_guide(x, y)
+    pyro.param("extra", torch.zeros(2 + tdist.get_rank()))
+
+
+def disagreeing_param_shapes():
+    _loss(pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2)), _guide_with_other_shape)
+
+
+def indivisible_mesh():
+    pyro_sp.SPMesh(sample=2)
+
+
+def indivisible_init_mesh():
+    pyro_sp.init_mesh(sample=2)
+
+
+def not_vectorized():
+    pyro_sp.DistributedTrace_ELBO(
+        num_particles=4, mesh=pyro_sp.SPMesh(sample=2), vectorize_particles=False
+    )
+
+
+def _unvectorizable_model(x, y):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    b = pyro.sample("b", dist.Normal(0.0, 1.0))
+    sigma = pyro.sample("sigma", dist.LogNormal(-1.0, 0.5))
+    mean = torch.mv(x, w) + b  # fails once w has a particle dimension
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
+
+
+def unvectorizable_model():
+    _loss(
+        pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2)),
+        param_guide,
+        _unvectorizable_model,
+    )
+
+
+def _model_failing_on_rank_1(x, y):
+    if tdist.get_rank() == 1:
+        raise KeyError("only rank 1 lacks this")
+    model(x, y)
+
+
+def failure_on_one_rank():
+    _loss(
+        pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2)),
+        param_guide,
+        _model_failing_on_rank_1,
+    )
+
+
+def healthy():
+    world = tdist.get_world_size()
+    _loss(pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=world)))
+    return tdist.get_rank()
+
+
+def _errors(pool, fn):
+    errors = pool.run_expecting_errors(fn)
+    assert pool.run(healthy) == list(range(pool.world)), "ranks not usable after the error"
+    return errors
+
+
+def test_too_few_particles(pools):
+    for rank, (kind, msg, _) in _errors(pools(3), too_few_particles).items():
+        assert kind == "ValueError", (rank, msg)
+        assert "num_particles >= 3" in msg and "got 2" in msg
+
+
+def test_indivisible_sample_axis(pools):
+    for fn in (indivisible_mesh, indivisible_init_mesh):
+        for rank, (kind, msg, _) in pools(3).run_expecting_errors(fn).items():
+            assert kind == "ValueError", (rank, msg)
+            assert "sample=2" in msg and "3" in msg
+
+
+def test_vectorize_particles_required(pools):
+    for kind, msg, _ in pools(2).run_expecting_errors(not_vectorized).values():
+        assert kind == "ValueError" and "vectorize_particles=True" in msg
+
+
+def test_disagreeing_num_particles(pools):
+    for kind, msg, _ in _errors(pools(2), disagreeing_num_particles).values():
+        assert kind == "ValueError"
+        assert "num_particles: rank 0 has 8, rank 1 has 9" in msg
+
+
+def test_disagreeing_param_names(pools):
+    for kind, msg, _ in _errors(pools(2), disagreeing_param_names).values():
+        assert kind == "ValueError"
+        assert "only on rank 1: ['extra']" in msg
+
+
+def test_disagreeing_param_shapes(pools):
+    for kind, msg, _ in _errors(pools(2), disagreeing_param_shapes).values():
+        assert kind == "ValueError"
+        assert "params['extra']: rank 0 has (2,), rank 1 has (3,)" in msg
+
+
+def test_unvectorizable_model(pools):
+    for kind, msg, _ in _errors(pools(2), unvectorizable_model).values():
+        assert kind == "RuntimeError"
+        assert "failed on 2 of 2 ranks" in msg and "particle dimension" in msg
+
+
+def test_failure_on_one_rank_stops_every_rank(pools):
+    for kind, msg, _ in _errors(pools(2), failure_on_one_rank).values():
+        assert kind == "RuntimeError"
+        assert "failed on 1 of 2 ranks" in msg and "rank 1: KeyError" in msg
+
+
+def test_errors_without_process_group():
+    with pytest.raises(ValueError, match="num_particles >= 1"):
+        pyro_sp.DistributedTrace_ELBO(num_particles=0)
+    with pytest.raises(ValueError, match="sample=2, data=1"):
+        pyro_sp.SPMesh(sample=2)
+    with pytest.raises(ValueError, match=r"sample=0, data=1"):
+        pyro_sp.SPMesh(sample=0)
+    guide = make_guide("normal", model)
+    x, y = make_data(0)
+    with pytest.raises(RuntimeError, match="expected"):  # Pyro's own error, untouched
+        pyro_sp.DistributedTrace_ELBO(num_particles=3, vectorize_particles=True).loss(
+            _unvectorizable_model, guide, x, y
+        )
