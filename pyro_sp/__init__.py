@@ -6,6 +6,7 @@ get exactly the single-process estimator back.
 """
 
 from pyro_sp import poutine
+from pyro_sp.collectives import record_collectives
 from pyro_sp.infer import (
     DistributedELBO,
     DistributedJitTrace_ELBO,
@@ -29,4 +30,5 @@ __all__ = [
     "init_mesh",
     "particle_share",
     "poutine",
+    "record_collectives",
 ]

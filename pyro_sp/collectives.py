@@ -9,23 +9,72 @@ no-op, so the same code runs in a plain single-process test.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 __all__ = [
+    "CollectiveRecord",
     "all_reduce_gradients",
     "broadcast_tensors",
     "layout_signature",
+    "record_collectives",
     "step_check",
 ]
 
 #: Signatures are kept below 2**20 so that their sums and sums of squares over
 #: any realistic world size are exact in float64.
 _SIGNATURE_BITS = 20
+
+
+@dataclass
+class CollectiveRecord:
+    """What :func:`record_collectives` saw: one ``(kind, bytes, seconds)`` per collective."""
+
+    events: list[tuple[str, int, float]] = field(default_factory=list)
+
+    def total(self, kind: str | None = None) -> tuple[int, int, float]:
+        """``(count, bytes, seconds)`` of all events, or of one kind."""
+        ev = [e for e in self.events if kind is None or e[0] == kind]
+        return len(ev), sum(e[1] for e in ev), sum(e[2] for e in ev)
+
+
+_RECORD: CollectiveRecord | None = None
+
+
+@contextlib.contextmanager
+def record_collectives() -> Iterator[CollectiveRecord]:
+    """
+    Record every collective that pyro_sp issues inside the block, with its
+    payload and wall time (CUDA is synchronised around each one while
+    recording, so the times are real but the overlap is lost). Costs nothing
+    when not recording.
+    """
+    global _RECORD
+    previous, _RECORD = _RECORD, CollectiveRecord()
+    try:
+        yield _RECORD
+    finally:
+        _RECORD = previous
+
+
+def _run(kind: str, fn: Callable, tensor: torch.Tensor, **kwargs) -> None:
+    if _RECORD is None:
+        fn(tensor, **kwargs)
+        return
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    start = time.perf_counter()
+    fn(tensor, **kwargs)
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    _RECORD.events.append((kind, tensor.numel() * tensor.element_size(), time.perf_counter() - start))
 
 
 def _group_size(group) -> int:
@@ -55,7 +104,7 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], *, group, src: int = 0) -
         for idx in _buckets(tensors).values():
             part = [tensors[i] for i in idx]
             flat = _flatten_dense_tensors([t.detach() for t in part])
-            dist.broadcast(flat, src=src, group=group)
+            _run("broadcast", dist.broadcast, flat, src=src, group=group)
             for t, v in zip(part, _unflatten_dense_tensors(flat, part)):
                 t.copy_(v)
 
@@ -93,7 +142,7 @@ def all_reduce_gradients(
             flags.append(0.0 if g is None else 1.0)
         parts.append(torch.tensor(flags, dtype=dtype, device=device))
         flat = _flatten_dense_tensors(parts)
-        dist.all_reduce(flat, group=group)
+        _run("all_reduce_gradients", dist.all_reduce, flat, group=group)
         if scale != 1.0:
             flat.mul_(scale)
         reduced = _unflatten_dense_tensors(flat, parts)
@@ -145,7 +194,7 @@ def step_check(
     s = float(signature)
     loss = 0.0 if error is not None else float(local_loss)
     t = torch.tensor([loss, s, s * s, float(error is not None)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, group=group)
+    _run("step_check", dist.all_reduce, t, group=group)
     total, s_sum, s2_sum, failures = t.tolist()
     world = _group_size(group)
     if failures:
