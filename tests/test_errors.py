@@ -92,6 +92,24 @@ def failure_on_one_rank():
     )
 
 
+def failure_keeps_earlier_gradients():
+    x, y = make_data(0)
+    elbo = pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2))
+    elbo.loss_and_grads(model, param_guide, x, y)
+    earlier = {n: p.grad.clone() for n, p in pyro.get_param_store().named_parameters()}
+    try:
+        elbo.loss_and_grads(_model_failing_on_rank_1, param_guide, x, y)
+    except RuntimeError as e:
+        assert "rank 1: KeyError" in str(e)
+    else:
+        raise AssertionError("expected an error")
+    return all(torch.equal(p.grad, earlier[n]) for n, p in pyro.get_param_store().named_parameters())
+
+
+def test_failure_keeps_earlier_gradients(pools):
+    assert pools(2).run(failure_keeps_earlier_gradients) == [True, True]
+
+
 def healthy():
     world = tdist.get_world_size()
     _loss(pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=world)))

@@ -161,3 +161,9 @@ def test_other_estimators_exact(pools, sample, data, num_particles, estimator, g
 def test_other_estimators_exact_more_guides(pools, estimator, guide_kind):
     results = pools(3).run(exact_case, estimator, guide_kind, 7, "none", 3, 1)
     _check(results)
+
+
+@pytest.mark.parametrize("sample,data,num_particles", [(3, 1, 7), (2, 2, 5)], ids=["w3-uneven", "hybrid2x2"])
+def test_autodelta_exact(pools, sample, data, num_particles):
+    results = pools(sample * data).run(exact_case, "trace", "delta", num_particles, "subsample", sample, data)
+    _check(results)

@@ -188,14 +188,19 @@ class DistributedELBO:
                 "mesh": (self.mesh.sample, self.mesh.data),
                 "params": shapes,
             }
-            total = step_check(
-                0.0 if error is not None else _as_float(result),
-                layout_signature(layout),
-                error,
-                group=self._world,
-                device=self._device,
-                describe=lambda: layout,
-            )
+            try:
+                total = step_check(
+                    0.0 if error is not None else _as_float(result),
+                    layout_signature(layout),
+                    error,
+                    group=self._world,
+                    device=self._device,
+                    describe=lambda: layout,
+                )
+            except Exception:
+                if stash is not None:  # give back the gradients held before the call
+                    self._restore_grads(stash, params.values(), reduced=None)
+                raise
             fresh = [n for n in names if not self._is_synced(params[n])]
             if not fresh:
                 break
