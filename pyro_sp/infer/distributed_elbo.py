@@ -239,6 +239,7 @@ class DistributedELBO:
             for _, b in sorted(m.named_buffers())
         ]
         broadcast_tensors(tensors + buffers, group=self._world, src=0)
+        self._synced = {k: r for k, r in self._synced.items() if r() is not None}
         for t in tensors:
             self._synced[id(t)] = weakref.ref(t)
 
