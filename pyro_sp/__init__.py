@@ -10,8 +10,16 @@ from pyro_sp.collectives import record_collectives
 from pyro_sp.infer import (
     DistributedELBO,
     DistributedJitTrace_ELBO,
+    DistributedJitTraceEnum_ELBO,
+    DistributedJitTraceGraph_ELBO,
+    DistributedPredictive,
+    DistributedRenyiELBO,
     DistributedTrace_ELBO,
+    DistributedTraceEnum_ELBO,
+    DistributedTraceGraph_ELBO,
     DistributedTraceMeanField_ELBO,
+    DistributedTraceTailAdaptive_ELBO,
+    DistributedTraceTMC_ELBO,
 )
 from pyro_sp.mesh import SPMesh, default_mesh, init_mesh, particle_share
 from pyro_sp.rng import RNGStream
@@ -20,8 +28,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DistributedELBO",
+    "DistributedJitTraceEnum_ELBO",
+    "DistributedJitTraceGraph_ELBO",
     "DistributedJitTrace_ELBO",
+    "DistributedPredictive",
+    "DistributedRenyiELBO",
+    "DistributedTraceEnum_ELBO",
+    "DistributedTraceGraph_ELBO",
     "DistributedTraceMeanField_ELBO",
+    "DistributedTraceTMC_ELBO",
+    "DistributedTraceTailAdaptive_ELBO",
     "DistributedTrace_ELBO",
     "RNGStream",
     "SPMesh",

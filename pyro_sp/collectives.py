@@ -22,6 +22,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 __all__ = [
     "CollectiveRecord",
     "all_reduce_gradients",
+    "gather_rows",
     "broadcast_tensors",
     "layout_signature",
     "record_collectives",
@@ -150,6 +151,56 @@ def all_reduce_gradients(
         for i, g, flag in zip(idx, reduced, present):
             out[i] = g if flag != 0 else None
     return out
+
+
+def gather_rows(
+    tensors: Sequence[torch.Tensor],
+    counts: Sequence[int],
+    *,
+    group,
+    dst: int | None = None,
+) -> list[torch.Tensor] | None:
+    """
+    Concatenate, along dim 0 and in group-rank order, every rank's rows of
+    each tensor: rank ``i`` of ``group`` holds ``counts[i]`` rows (uneven
+    counts are padded for transport and trimmed). One all-gather (or gather)
+    per (dtype, device).
+
+    :param tensors: this rank's tensors, each of shape ``(counts[i], *rest)``;
+        ``rest`` and the dtypes must agree across ranks.
+    :param counts: the row count of every rank of ``group``.
+    :param group: process group, or ``None`` (returns ``tensors``).
+    :param int dst: group rank that receives the result; ``None`` for all.
+    :returns: the gathered tensors (``None`` on ranks other than ``dst``).
+    """
+    if group is None:
+        return list(tensors)
+    size = dist.get_world_size(group)
+    me = dist.get_rank(group)
+    if len(counts) != size:
+        raise ValueError(f"Expected {size} row counts (one per rank), got {len(counts)}.")
+    rows, total = max(counts), sum(counts)
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for (dtype, device), idx in _buckets(tensors).items():
+        transport = torch.uint8 if dtype == torch.bool else dtype
+        cols = [tensors[i].reshape(counts[me], -1).to(transport) for i in idx]
+        widths = [c.shape[1] for c in cols]
+        flat = torch.zeros(rows, sum(widths), dtype=transport, device=device)
+        if counts[me]:
+            flat[: counts[me]] = torch.cat(cols, dim=1)
+        if dst is None:
+            parts = [torch.empty_like(flat) for _ in range(size)]
+            _run("all_gather_rows", lambda t, **kw: dist.all_gather(parts, t, **kw), flat, group=group)
+        else:
+            parts = [torch.empty_like(flat) for _ in range(size)] if me == dst else None
+            root = dist.get_global_rank(group, dst)
+            _run("gather_rows", lambda t, **kw: dist.gather(t, parts, dst=root, **kw), flat, group=group)
+            if me != dst:
+                continue
+        full = torch.cat([part[:c] for part, c in zip(parts, counts)], dim=0)
+        for i, piece in zip(idx, full.split(widths, dim=1)):
+            out[i] = piece.reshape((total,) + tuple(tensors[i].shape[1:])).to(dtype)
+    return out if dst is None or me == dst else None
 
 
 def layout_signature(*items) -> int:

@@ -55,12 +55,6 @@ def indivisible_init_mesh():
     pyro_sp.init_mesh(sample=2)
 
 
-def not_vectorized():
-    pyro_sp.DistributedTrace_ELBO(
-        num_particles=4, mesh=pyro_sp.SPMesh(sample=2), vectorize_particles=False
-    )
-
-
 def _unvectorizable_model(x, y):
     w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
     b = pyro.sample("b", dist.Normal(0.0, 1.0))
@@ -133,11 +127,6 @@ def test_indivisible_sample_axis(pools):
         for rank, (kind, msg, _) in pools(3).run_expecting_errors(fn).items():
             assert kind == "ValueError", (rank, msg)
             assert "sample=2" in msg and "3" in msg
-
-
-def test_vectorize_particles_required(pools):
-    for kind, msg, _ in pools(2).run_expecting_errors(not_vectorized).values():
-        assert kind == "ValueError" and "vectorize_particles=True" in msg
 
 
 def test_disagreeing_num_particles(pools):

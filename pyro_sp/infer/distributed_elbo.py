@@ -13,10 +13,11 @@ from pyro import poutine
 from pyro_sp.collectives import (
     all_reduce_gradients,
     broadcast_tensors,
+    gather_rows,
     layout_signature,
     step_check,
 )
-from pyro_sp.mesh import SPMesh, default_mesh
+from pyro_sp.mesh import SPMesh, default_mesh, particle_share
 from pyro_sp.poutine import ShardParticlesMessenger
 from pyro_sp.rng import RNGStream, derive_seed
 
@@ -72,8 +73,9 @@ class DistributedELBO:
     :param int seed: seed of the per-rank particle-noise and per-data-group
         subsample streams; default: rank 0's :func:`torch.initial_seed`, so a
         :func:`pyro.set_rng_seed` on rank 0 fixes the run.
-    :param bool vectorize_particles: must stay ``True`` when the sample axis
-        has more than one rank.
+    :param bool vectorize_particles: split the vectorized particle plate
+        (default); with ``False`` each rank runs its share of Pyro's sequential
+        particle loop, for models that cannot be vectorized.
     :param kwargs: the remaining arguments of the Pyro estimator.
 
     References
@@ -98,12 +100,6 @@ class DistributedELBO:
                 f"Expected num_particles >= {self.mesh.sample} (the sample axis size), got "
                 f"{num_particles!r}. Use more particles or a smaller sample axis."
             )
-        if self.mesh.sample > 1 and not vectorize_particles:
-            raise ValueError(
-                f"Expected vectorize_particles=True to split particles over a sample axis of "
-                f"{self.mesh.sample} ranks, got vectorize_particles=False. Vectorize the "
-                "model (static structure, batch dimensions on the left) or use sample=1."
-            )
         super().__init__(
             num_particles=num_particles, vectorize_particles=vectorize_particles, **kwargs
         )
@@ -112,6 +108,7 @@ class DistributedELBO:
         self._subsample_rng: RNGStream | None = None
         self._synced: dict[int, weakref.ref] = {}
         self._last_params: list[torch.Tensor] = []
+        self._share: tuple[int, int] | None = None  # this rank's particles, during a call
 
     # ---- the three interfaces ---------------------------------------------------
     def loss(self, model, guide, *args, **kwargs):
@@ -160,10 +157,58 @@ class DistributedELBO:
             lo, hi, self.num_particles, subsample_rng=self._subsample_rng
         )
 
+    # ---- hooks for estimator families ------------------------------------------------
+    #: ``True`` for estimators whose loss is a sum over particles: the partial
+    #: losses add up. Nonlinear estimators set it to ``False`` and implement
+    #: :meth:`_combine`.
+    _linear = True
+
+    def _is_local_param(self, name: str) -> bool:
+        """Per-rank state that is neither broadcast nor reduced (none by default)."""
+        return False
+
+    def _combine(self, kind: str, payload):
+        """
+        Second phase of a nonlinear estimator, entered by every rank after the
+        step check: the collectives that couple the particles (e.g. a gather of
+        log-weights over the sample axis) and, for ``loss_and_grads``, the
+        backward pass of the local surrogate.
+
+        :returns: ``(loss of this data group, result)``.
+        """
+        raise NotImplementedError
+
+    def _get_traces(self, model, guide, args, kwargs):
+        if self.vectorize_particles or self._share is None:
+            yield from super()._get_traces(model, guide, args, kwargs)
+            return
+        # Sequential particles: run this rank's share of Pyro's particle loop.
+        # Pyro's generators read num_particles once, when their loop starts, so
+        # they are shown the share for that moment; the estimators still divide
+        # by the global num_particles.
+        lo, hi = self._share
+        traces = super()._get_traces(model, guide, args, kwargs)
+        total, self.num_particles = self.num_particles, hi - lo
+        try:
+            first = next(traces, None)
+        finally:
+            self.num_particles = total
+        if first is not None:
+            yield first
+            yield from traces
+
     # ---- one call -----------------------------------------------------------------
     def _sharded(self, kind: str, method: Callable, model, guide, args, kwargs):
-        if not self.mesh.is_distributed:
+        # Without a process group, Pyro's estimator runs untouched. Inside a sharded
+        # call (a Pyro method that calls another public method, e.g. a loss_and_grads
+        # built on differentiable_loss) the outer call already shards and reduces.
+        if self._share is not None:
             return method(model, guide, *args, **kwargs)
+        if not self.mesh.is_distributed:
+            if self._linear:
+                return method(model, guide, *args, **kwargs)
+            loss, result = self._combine(kind, method(model, guide, *args, **kwargs))
+            return result if kind == "differentiable_loss" else loss
         self._setup_streams()
         # a setup round (new parameters) rewinds the streams: the call's result is the
         # same as if the parameters had been synchronised beforehand
@@ -172,25 +217,27 @@ class DistributedELBO:
             self._particle_rng.set_state(rng_states[0])
             self._subsample_rng.set_state(rng_states[1])
             stash = self._stash_grads() if kind == "loss_and_grads" else None
-            result, error, params = None, None, {}
+            payload, error, params = None, None, {}
+            self._share = self.mesh.particle_share(self.num_particles)
             try:
                 with self._particle_rng, self._shard_messenger(), poutine.trace(
                     param_only=True
                 ) as capture:
-                    result = method(model, guide, *args, **kwargs)
-                params = _collect_params(capture.trace, model, guide)
+                    payload = method(model, guide, *args, **kwargs)
+                params = _collect_params(capture.trace, model, guide, self._is_local_param)
             except Exception as e:  # reported to every rank by step_check
                 error = e
+            finally:
+                self._share = None
             names = sorted(params)
-            shapes = {n: tuple(params[n].shape) for n in names}
             layout = {
                 "num_particles": self.num_particles,
                 "mesh": (self.mesh.sample, self.mesh.data),
-                "params": shapes,
+                "params": {n: tuple(params[n].shape) for n in names},
             }
             try:
                 total = step_check(
-                    0.0 if error is not None else _as_float(result),
+                    0.0 if error is not None or not self._linear else _as_float(payload),
                     layout_signature(layout),
                     error,
                     group=self._world,
@@ -215,7 +262,11 @@ class DistributedELBO:
             )
         ordered = [params[n] for n in names]
         self._last_params = ordered
-        global_loss = total / self.mesh.data
+        if self._linear:
+            global_loss, result = total / self.mesh.data, payload
+        else:
+            group_loss, result = self._combine(kind, payload)
+            global_loss = self._data_mean(group_loss)
         if kind == "loss":
             return global_loss
         if kind == "loss_and_grads":
@@ -225,6 +276,26 @@ class DistributedELBO:
             self._restore_grads(stash, ordered, reduced=reduced)
             return global_loss
         return _SyncGradients.apply(result, global_loss, _GradientSync(self, ordered))
+
+    def _gather_particles(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All ``num_particles`` rows of a per-particle tensor, gathered over the sample axis."""
+        if not self.mesh.is_distributed or self.mesh.sample == 1:
+            return tensor
+        counts = [
+            hi - lo
+            for lo, hi in (
+                particle_share(self.num_particles, self.mesh.sample, i) for i in range(self.mesh.sample)
+            )
+        ]
+        return gather_rows([tensor], counts, group=self.mesh.get_group("sample"))[0]
+
+    def _data_mean(self, group_loss: float) -> float:
+        """Average a per-data-group loss (equal on the ranks of a sample group) over the data axis."""
+        if self.mesh.data == 1:
+            return group_loss
+        t = torch.tensor([group_loss / self.mesh.world_size], dtype=torch.float64, device=self._device)
+        dist.all_reduce(t, group=self._world)
+        return t.item()
 
     # ---- parameter and gradient bookkeeping ----------------------------------------
     def _is_synced(self, t: torch.Tensor) -> bool:
@@ -307,12 +378,12 @@ def _as_float(value) -> float:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _collect_params(trace, model, guide) -> dict[str, torch.Tensor]:
+def _collect_params(trace, model, guide, is_local=lambda name: False) -> dict[str, torch.Tensor]:
     """Trainable leaf tensors used in this call, by name: param sites first, then module parameters."""
     params: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, site in trace.nodes.items():
-        if site["type"] != "param":
+        if site["type"] != "param" or is_local(name):
             continue
         value = site["value"]
         unconstrained = getattr(value, "unconstrained", None)

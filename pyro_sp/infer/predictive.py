@@ -1,0 +1,125 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Posterior predictive sampling with the samples split over ranks."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from pyro.infer import Predictive
+
+from pyro_sp.collectives import gather_rows, layout_signature, step_check
+from pyro_sp.mesh import SPMesh, default_mesh, particle_share
+from pyro_sp.rng import RNGStream, derive_seed
+
+__all__ = ["DistributedPredictive"]
+
+AXES = ("sample", "world")
+GATHER = ("all", "rank0")
+
+
+class DistributedPredictive(torch.nn.Module):
+    """
+    A drop-in for :class:`pyro.infer.Predictive` that splits ``num_samples``
+    over the ranks of an axis, runs the stock (vectorized or sequential)
+    ``Predictive`` on each rank's share with the rank's own random stream, and
+    gathers the samples in order, so the result has the keys and shapes of
+    Pyro's. Uneven shares are fine. ``Predictive`` uses no subsampling trick:
+    each rank simply draws fewer samples.
+
+    :param model, posterior_samples, guide, num_samples, return_sites, parallel:
+        as in :class:`pyro.infer.Predictive`; ``posterior_samples`` are sliced,
+        so sample ``k`` of the result belongs to posterior sample ``k``.
+    :param SPMesh mesh: the process grid; default :func:`~pyro_sp.default_mesh`.
+    :param str axis: ``"sample"`` (default) splits over the sample axis: each data
+        group predicts for its own inputs. ``"world"`` splits over all ranks, for
+        inference-only jobs where every rank passes the same inputs.
+    :param str gather: ``"all"`` (default) gives every rank the whole result;
+        ``"rank0"`` gives it to the first rank of the axis group only (the others
+        get ``None``), to save memory.
+    :param int seed: seed of the per-rank streams; default rank 0's
+        :func:`torch.initial_seed`. The caller's global RNG is not advanced.
+
+    Without a process group it is :class:`pyro.infer.Predictive`.
+    """
+
+    def __init__(
+        self,
+        model,
+        posterior_samples=None,
+        guide=None,
+        num_samples=None,
+        return_sites=(),
+        parallel=False,
+        *,
+        mesh: SPMesh | None = None,
+        axis: str = "sample",
+        gather: str = "all",
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if axis not in AXES:
+            raise ValueError(f"Expected axis in {AXES}, got {axis!r}.")
+        if gather not in GATHER:
+            raise ValueError(f"Expected gather in {GATHER}, got {gather!r}.")
+        posterior_samples = posterior_samples or {}
+        sizes = {k: v.shape[0] for k, v in posterior_samples.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"Expected posterior samples with one leading size, got {sizes}.")
+        if sizes:
+            num_samples = next(iter(sizes.values()))
+        if num_samples is None:
+            raise ValueError("Either posterior_samples or num_samples must be specified.")
+        self.mesh = default_mesh() if mesh is None else mesh
+        width = self.mesh.sample if axis == "sample" else self.mesh.world_size
+        if num_samples < width:
+            raise ValueError(
+                f"Expected num_samples >= {width} (the size of the {axis!r} axis), got "
+                f"{num_samples}. Draw more samples or split over a smaller axis."
+            )
+        self.model, self.guide = model, guide
+        self.posterior_samples = posterior_samples
+        self.num_samples = num_samples
+        self.return_sites = return_sites
+        self.parallel = parallel
+        self.axis, self.gather, self.seed = axis, gather, seed
+        self._rng: RNGStream | None = None
+
+    def _local(self, lo: int, hi: int) -> Predictive:
+        return Predictive(
+            self.model,
+            posterior_samples={k: v[lo:hi] for k, v in self.posterior_samples.items()},
+            guide=self.guide,
+            num_samples=hi - lo,
+            return_sites=self.return_sites,
+            parallel=self.parallel,
+        )
+
+    def forward(self, *args, **kwargs):
+        mesh = self.mesh
+        if not mesh.is_distributed:
+            return self._local(0, self.num_samples)(*args, **kwargs)
+        group = mesh.get_group(self.axis if self.axis == "sample" else "world")
+        size, index = dist.get_world_size(group), dist.get_rank(group)
+        device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+        if self._rng is None:
+            seed = self.seed
+            if seed is None:
+                t = torch.tensor([torch.initial_seed() % (1 << 62)], dtype=torch.int64, device=device)
+                dist.broadcast(t, src=0)
+                seed = int(t.item())
+            self._rng = RNGStream(derive_seed(seed, "predictive", mesh.rank))
+        lo, hi = particle_share(self.num_samples, size, index)
+        samples, error = {}, None
+        try:
+            with self._rng:
+                samples = self._local(lo, hi)(*args, **kwargs)
+        except Exception as e:  # reported to every rank by step_check
+            error = e
+        keys = sorted(samples)
+        layout = {"num_samples": self.num_samples, "sites": {k: (tuple(samples[k].shape[1:]), str(samples[k].dtype)) for k in keys}}
+        step_check(0.0, layout_signature(layout), error, group=group, device=device, describe=lambda: layout)
+        counts = [b - a for a, b in (particle_share(self.num_samples, size, i) for i in range(size))]
+        gathered = gather_rows(
+            [samples[k] for k in keys], counts, group=group, dst=0 if self.gather == "rank0" else None
+        )
+        return None if gathered is None else dict(zip(keys, gathered))
