@@ -133,35 +133,89 @@ _NOISE_MODULES = (
 
 
 @contextlib.contextmanager
-def pinned_noise(num_particles: int, lo: int, hi: int):
+def pinned_noise(num_particles: int, lo: int, hi: int, dim: int = 0):
     """
     Pin the particle noise of reparameterized Normal, MultivariateNormal and
-    LowRankMultivariateNormal samples: each standard-normal draw of shape
-    ``(n, *rest)`` draws all ``(num_particles, *rest)`` values from the global
-    RNG and keeps rows ``[lo, hi)``. Started from the same RNG state, the
-    single-process reference (``lo, hi = 0, N``) and every rank (its own share)
-    see slices of the same values. The slice is an ordinary tensor op, so this
-    also holds inside JIT-compiled estimators.
+    LowRankMultivariateNormal samples and of Bernoulli samples: each draw
+    whose dimension ``dim`` is the particle dimension draws the values of all
+    ``num_particles`` particles from the global RNG and keeps ``[lo, hi)``.
+    Started from the same RNG state, the single-process reference
+    (``lo, hi = 0, N``) and every rank (its own share) see slices of the same
+    values. The slice is an ordinary tensor op, so this also holds inside
+    JIT-compiled estimators.
     """
     import importlib
 
-    def fake(shape, dtype, device):
-        shape = tuple(shape)
-        if not torch.jit.is_tracing() and (not shape or shape[0] not in (hi - lo, num_particles)):
+    def full_shape(shape):
+        shape = list(shape)
+        if not torch.jit.is_tracing() and (not shape or shape[dim] not in (hi - lo, num_particles)):
             raise AssertionError(
-                f"pinned_noise expected a leading particle dimension of {hi - lo}, got {shape}"
+                f"pinned_noise expected a particle dimension of {hi - lo} at {dim}, got {shape}"
             )
-        full = torch.randn((num_particles,) + shape[1:], dtype=dtype, device=device)
         # a pass that is blocked from pyro_sp's handlers (JIT's parameter capture) sees all N
-        return full if shape[0] == num_particles else full[lo:hi]
+        local = shape[dim] != num_particles
+        shape[dim] = num_particles
+        return shape, local
+
+    def take(full, local):
+        return full.narrow(dim % full.dim(), lo, hi - lo) if local else full
+
+    def fake(shape, dtype, device):
+        shape, local = full_shape(shape)
+        return take(torch.randn(shape, dtype=dtype, device=device), local)
+
+    def bernoulli_sample(self, sample_shape=torch.Size()):
+        shape, local = full_shape(self._extended_shape(sample_shape))
+        with torch.no_grad():
+            u = take(torch.rand(shape, dtype=self.probs.dtype, device=self.probs.device), local)
+            return (u < self.probs.expand(u.shape)).to(self.probs.dtype)
 
     modules = [importlib.import_module(m) for m in _NOISE_MODULES]
     saved = [m._standard_normal for m in modules]
+    saved_bernoulli = torch.distributions.Bernoulli.sample
+    try:
+        for m in modules:
+            m._standard_normal = fake
+        torch.distributions.Bernoulli.sample = bernoulli_sample
+        yield
+    finally:
+        for m, f in zip(modules, saved):
+            m._standard_normal = f
+        torch.distributions.Bernoulli.sample = saved_bernoulli
+
+
+@contextlib.contextmanager
+def pinned_sequential_noise(elbo, first_particle: int, seed: int = 0):
+    """
+    Pin the noise of sequential (non-vectorized) particles: the ``j``-th
+    standard-normal draw of global particle ``k`` comes from a generator seeded
+    by ``(seed, k, j)``. ``elbo`` counts its particles from ``first_particle``
+    (the rank's ``lo``; 0 for the reference).
+    """
+    import importlib
+
+    state = {"k": first_particle - 1, "j": 0}
+    original = elbo._get_trace
+
+    def counting_get_trace(*args, **kwargs):
+        state["k"] += 1
+        state["j"] = 0
+        return original(*args, **kwargs)
+
+    def fake(shape, dtype, device):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + state["k"] * 1009 + state["j"])
+        state["j"] += 1
+        return torch.randn(tuple(shape), generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+    modules = [importlib.import_module(m) for m in _NOISE_MODULES]
+    saved = [m._standard_normal for m in modules]
+    elbo._get_trace = counting_get_trace
     try:
         for m in modules:
             m._standard_normal = fake
         yield
     finally:
+        del elbo._get_trace
         for m, f in zip(modules, saved):
             m._standard_normal = f
 
