@@ -217,6 +217,7 @@ def step_check(
     group,
     device: torch.device | str = "cpu",
     describe: Callable[[], object] = lambda: None,
+    what: str = "The distributed ELBO",
 ) -> float:
     """
     The one small collective of every step: sums the ranks' partial losses and
@@ -234,6 +235,7 @@ def step_check(
     :param group: process group, or ``None`` (returns ``local_loss``).
     :param describe: returns a picklable description of this rank's layout,
         gathered only to explain a mismatch.
+    :param str what: the computation, named in the error message.
     :returns: the sum of the partial losses over ``group``.
     :raises RuntimeError: on every rank if some rank failed.
     :raises ValueError: on every rank if the ranks disagree.
@@ -255,7 +257,7 @@ def step_check(
         failed = {r: m for r, m in enumerate(messages) if m is not None}
         text = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
         raise RuntimeError(
-            f"The distributed ELBO failed on {len(failed)} of {world} ranks ({text}). "
+            f"{what} failed on {len(failed)} of {world} ranks ({text}). "
             "Every rank stops with this error. If the failure is a shape error, check that "
             "the model and guide broadcast over a leftmost particle dimension "
             "(vectorize_particles=True needs static, vectorizable structure)."

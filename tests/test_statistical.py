@@ -59,3 +59,42 @@ def test_unbiased_with_single_process_variance(pools, world, num_particles):
     ratio = g.var().item() / var_n
     # sd of the ratio is sqrt(2 / REPEATS) = 0.07; N / world particles would give ratio = world
     assert 0.75 < ratio < 1.3, f"variance ratio to the N-particle variance: {ratio:.3f}"
+
+
+# ---- nonlinear and score-function estimators: distributed vs single process ----------
+def _estimates(name: str, world: int, repeats: int, num_particles: int):
+    from tests.test_estimators import tg_guide, tg_model
+
+    mesh = pyro_sp.SPMesh(sample=world) if world else None
+    x = X.to(torch.get_default_dtype())
+    if name == "renyi":
+        kwargs, cls, fns, param = {"alpha": 0.0}, "RenyiELBO", (conjugate_model, conjugate_guide), "m"
+    else:
+        kwargs, cls, fns, param = {}, "TraceGraph_ELBO", (tg_model, tg_guide), "p"
+    if world:
+        elbo = getattr(pyro_sp, "Distributed" + cls)(num_particles=num_particles, mesh=mesh, seed=7, **kwargs)
+    else:
+        pyro.set_rng_seed(8)
+        elbo = getattr(pyro.infer, cls)(num_particles=num_particles, vectorize_particles=True, **kwargs)
+    out = []
+    for _ in range(repeats):
+        elbo.loss_and_grads(*fns, x)
+        p = pyro.param(param).unconstrained()
+        out.append(p.grad.item())
+        p.grad = None
+    return out
+
+
+@pytest.mark.parametrize("name", ["renyi", "tracegraph"])
+def test_matches_single_process_statistically(pools, name):
+    num_particles, repeats = 6, 300
+    per_rank = pools(2).run(_estimates, name, 2, repeats, num_particles)
+    assert per_rank[0] == per_rank[1]
+    d = torch.tensor(per_rank[0], dtype=torch.float64)
+    torch.set_default_dtype(torch.float64)
+    s = torch.tensor(_estimates(name, 0, repeats, num_particles), dtype=torch.float64)
+    se = (d.var() / repeats + s.var() / repeats).sqrt()
+    assert (d.mean() - s.mean()).abs() < 4 * se, (d.mean(), s.mean(), se)
+    ratio = (d.var() / s.var()).item()
+    # sd of the ratio is about 0.12; half the particles would double the variance
+    assert 0.65 < ratio < 1.5, f"variance ratio distributed / single process: {ratio:.3f}"

@@ -5,7 +5,7 @@ from .distributed_elbo import DistributedELBO
 from .predictive import DistributedPredictive
 from .renyi_elbo import DistributedRenyiELBO
 from .trace_elbo import DistributedJitTrace_ELBO, DistributedTrace_ELBO
-from .trace_mean_field_elbo import DistributedTraceMeanField_ELBO
+from .trace_mean_field_elbo import DistributedJitTraceMeanField_ELBO, DistributedTraceMeanField_ELBO
 from .trace_tail_adaptive_elbo import DistributedTraceTailAdaptive_ELBO, tail_adaptive_weights
 from .traceenum_elbo import DistributedJitTraceEnum_ELBO, DistributedTraceEnum_ELBO
 from .tracegraph_elbo import DistributedJitTraceGraph_ELBO, DistributedTraceGraph_ELBO
@@ -15,6 +15,7 @@ __all__ = [
     "DistributedELBO",
     "DistributedJitTraceEnum_ELBO",
     "DistributedJitTraceGraph_ELBO",
+    "DistributedJitTraceMeanField_ELBO",
     "DistributedJitTrace_ELBO",
     "DistributedPredictive",
     "DistributedRenyiELBO",

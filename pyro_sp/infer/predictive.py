@@ -117,7 +117,15 @@ class DistributedPredictive(torch.nn.Module):
             error = e
         keys = sorted(samples)
         layout = {"num_samples": self.num_samples, "sites": {k: (tuple(samples[k].shape[1:]), str(samples[k].dtype)) for k in keys}}
-        step_check(0.0, layout_signature(layout), error, group=group, device=device, describe=lambda: layout)
+        step_check(
+            0.0,
+            layout_signature(layout),
+            error,
+            group=group,
+            device=device,
+            describe=lambda: layout,
+            what="DistributedPredictive",
+        )
         counts = [b - a for a, b in (particle_share(self.num_samples, size, i) for i in range(size))]
         gathered = gather_rows(
             [samples[k] for k in keys], counts, group=group, dst=0 if self.gather == "rank0" else None

@@ -1,11 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 from __future__ import annotations
 
-from pyro.infer import TraceMeanField_ELBO
+from pyro.infer import JitTraceMeanField_ELBO, TraceMeanField_ELBO
 
 from .distributed_elbo import DistributedELBO
 
-__all__ = ["DistributedTraceMeanField_ELBO"]
+__all__ = ["DistributedJitTraceMeanField_ELBO", "DistributedTraceMeanField_ELBO"]
 
 
 class DistributedTraceMeanField_ELBO(DistributedELBO, TraceMeanField_ELBO):
@@ -16,3 +16,7 @@ class DistributedTraceMeanField_ELBO(DistributedELBO, TraceMeanField_ELBO):
     Bayesian neural networks with mean-field guides: the KL terms need no
     particles, the likelihood uses this rank's share.
     """
+
+
+class DistributedJitTraceMeanField_ELBO(DistributedELBO, JitTraceMeanField_ELBO):
+    """:class:`~pyro.infer.JitTraceMeanField_ELBO`, sharded like :class:`DistributedTraceMeanField_ELBO`."""

@@ -1,0 +1,111 @@
+# SPDX-License-Identifier: Apache-2.0
+"""DistributedPredictive: Pyro's keys and shapes, right moments, uneven
+shards, order of posterior samples, gather to rank 0."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.distributed as tdist
+from pyro.infer import Predictive
+
+import pyro_sp
+
+NUM_DATA = 50
+
+
+def model(x):
+    z = pyro.sample("z", dist.Normal(3.0, 2.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Normal(z, 1.0))
+
+
+def guide(x):
+    pyro.sample("z", dist.Normal(3.0, 2.0))
+
+
+def predictive_case(num_samples, axis, gather, parallel=True, posterior=False):
+    mesh = pyro_sp.SPMesh(sample=tdist.get_world_size())
+    x = torch.zeros(NUM_DATA)
+    kwargs = dict(num_samples=num_samples, guide=guide)
+    if posterior:
+        kwargs = dict(posterior_samples={"z": torch.arange(float(num_samples))}, return_sites=("obs",))
+    out = pyro_sp.DistributedPredictive(
+        model, parallel=parallel, mesh=mesh, axis=axis, gather=gather, **kwargs
+    )(x)
+    return None if out is None else {k: v.clone() for k, v in out.items()}
+
+
+def _pyro_shapes(num_samples):
+    out = Predictive(model, guide=guide, num_samples=num_samples, parallel=True)(torch.zeros(NUM_DATA))
+    return {k: tuple(v.shape) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("world,num_samples", [(2, 3000), (3, 3001)])
+@pytest.mark.parametrize("parallel", [True, False], ids=["vectorized", "sequential"])
+def test_keys_shapes_moments(pools, world, num_samples, parallel):
+    if not parallel:
+        num_samples //= 20
+    results = pools(world).run(predictive_case, num_samples, "sample", "all", parallel)
+    for r in results[1:]:
+        assert r.keys() == results[0].keys()
+        assert all(torch.equal(r[k], results[0][k]) for k in r)
+    out = results[0]
+    assert {k: tuple(v.shape) for k, v in out.items()} == _pyro_shapes(num_samples)
+    z, obs = out["z"].double(), out["obs"].double()
+    n = num_samples
+    assert abs(z.mean() - 3.0) < 4 * 2.0 / n**0.5
+    assert abs(z.std() / 2.0 - 1.0) < 4 * (0.5 / n) ** 0.5
+    assert abs(obs.var(0).mean() - 5.0) < 0.5 * 5.0 * 4 * (2 / n) ** 0.5 + 0.3
+    # the shards are independent draws, not copies of one stream
+    half = n // world
+    assert not torch.equal(z[:half], z[half : 2 * half])
+
+
+def test_posterior_samples_keep_their_order(pools):
+    out = pools(3).run(predictive_case, 7, "world", "all", True, True)[0]
+    assert set(out) == {"obs"} and out["obs"].shape == (7, NUM_DATA)
+    means = out["obs"].double().mean(-1)
+    assert ((means - torch.arange(7.0)).abs() < 4 / NUM_DATA**0.5).all(), means
+
+
+def test_gather_to_rank0(pools):
+    results = pools(3).run(predictive_case, 10, "world", "rank0")
+    assert results[1] is None and results[2] is None
+    assert results[0]["obs"].shape == (10, NUM_DATA)
+
+
+def test_single_process_is_pyro():
+    pyro.set_rng_seed(0)
+    ours = pyro_sp.DistributedPredictive(model, guide=guide, num_samples=4, parallel=True)(torch.zeros(3))
+    pyro.set_rng_seed(0)
+    theirs = Predictive(model, guide=guide, num_samples=4, parallel=True)(torch.zeros(3))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="axis in"):
+        pyro_sp.DistributedPredictive(model, num_samples=3, axis="data")
+    with pytest.raises(ValueError, match="gather in"):
+        pyro_sp.DistributedPredictive(model, num_samples=3, gather="rank1")
+    with pytest.raises(ValueError, match="Either posterior_samples or num_samples"):
+        pyro_sp.DistributedPredictive(model)
+
+
+def _model_failing_on_rank_1(x):
+    if tdist.get_rank() == 1:
+        raise ValueError("bad inputs on rank 1")
+    model(x)
+
+
+def failing_predictive():
+    mesh = pyro_sp.SPMesh(sample=tdist.get_world_size())
+    pyro_sp.DistributedPredictive(_model_failing_on_rank_1, num_samples=4, mesh=mesh)(torch.zeros(3))
+
+
+def test_failure_on_one_rank_is_an_error_everywhere(pools):
+    errors = pools(2).run_expecting_errors(failing_predictive)
+    for kind, msg, _ in errors.values():
+        assert kind == "RuntimeError" and "rank 1: ValueError: bad inputs on rank 1" in msg
