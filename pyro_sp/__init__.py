@@ -5,7 +5,7 @@ Split the vectorized particles of an ELBO over ``torch.distributed`` ranks and
 get exactly the single-process estimator back.
 """
 
-from pyro_sp import poutine
+from pyro_sp import nn, poutine, uq
 from pyro_sp.collectives import record_collectives
 from pyro_sp.infer import (
     DistributedELBO,
@@ -46,7 +46,9 @@ __all__ = [
     "__version__",
     "default_mesh",
     "init_mesh",
+    "nn",
     "particle_share",
     "poutine",
     "record_collectives",
+    "uq",
 ]

@@ -1,0 +1,7 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Declarative Bayesian networks: any ``torch.nn.Module`` made Bayesian."""
+
+from .bayesian_module import BayesianModule, last_layer
+from .likelihoods import categorical_likelihood, normal_likelihood
+
+__all__ = ["BayesianModule", "categorical_likelihood", "last_layer", "normal_likelihood"]
