@@ -5,7 +5,8 @@ Split the vectorized particles of an ELBO over ``torch.distributed`` ranks and
 get exactly the single-process estimator back.
 """
 
-from pyro_sp import nn, poutine, uq
+from pyro_sp import data, nn, poutine, uq
+from pyro_sp.checkpoint import load_checkpoint, save_checkpoint
 from pyro_sp.collectives import record_collectives
 from pyro_sp.infer import (
     DistributedELBO,
@@ -44,11 +45,14 @@ __all__ = [
     "RNGStream",
     "SPMesh",
     "__version__",
+    "data",
     "default_mesh",
     "init_mesh",
+    "load_checkpoint",
     "nn",
     "particle_share",
     "poutine",
     "record_collectives",
+    "save_checkpoint",
     "uq",
 ]

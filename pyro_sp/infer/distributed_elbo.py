@@ -129,6 +129,28 @@ class DistributedELBO:
             "differentiable_loss", super().differentiable_loss, model, guide, args, kwargs
         )
 
+    # ---- checkpointing ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's random streams (each rank's differ): save them to resume bit-identically."""
+        streams = self._particle_rng, self._subsample_rng
+        return {
+            "seed": self.seed,
+            "streams": None if streams[0] is None else tuple((r.seed, r.get_state()) for r in streams),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore this rank's random streams from :meth:`state_dict`."""
+        self.seed = state["seed"]
+        if state["streams"] is None:
+            self._particle_rng = self._subsample_rng = None
+            return
+        rngs = []
+        for seed, snapshot in state["streams"]:
+            rng = RNGStream(seed)
+            rng.set_state(snapshot)
+            rngs.append(rng)
+        self._particle_rng, self._subsample_rng = rngs
+
     # ---- setup --------------------------------------------------------------------
     @property
     def _world(self):

@@ -1,0 +1,116 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A training loop for sampling-parallel SVI: sharded minibatches, progress
+bar and metrics log on rank 0, NaN detection, checkpoint and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from tqdm import tqdm
+
+from pyro_sp.checkpoint import load_checkpoint, save_checkpoint
+from pyro_sp.data.sampler import ShardedBatchSampler
+from pyro_sp.mesh import SPMesh
+
+__all__ = ["MetricsLog", "fit"]
+
+
+class MetricsLog:
+    """JSON lines of metrics, written by rank 0 only (appends, so a resumed run continues its log)."""
+
+    def __init__(self, path: str | None, *, mesh: SPMesh) -> None:
+        self.path = path if mesh.rank == 0 else None
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._tb = None
+
+    def write(self, **record) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def tensorboard(self, logdir: str) -> None:
+        """Also send scalars to TensorBoard, if it is installed."""
+        if self.path is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional
+            return
+        self._tb = SummaryWriter(logdir)
+
+    def scalar(self, name: str, value: float, step: int) -> None:
+        if self._tb is not None:
+            self._tb.add_scalar(name, value, step)
+
+
+def fit(
+    svi,
+    sampler: ShardedBatchSampler,
+    batch: Callable[[torch.Tensor], tuple],
+    *,
+    epochs: int,
+    mesh: SPMesh,
+    elbo=None,
+    checkpoint: str | None = None,
+    checkpoint_every: int = 0,
+    rank_objects: dict | None = None,
+    log: MetricsLog | None = None,
+    progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
+    """
+    Run ``epochs`` epochs of ``svi.step(*batch(indices))`` over ``sampler``.
+
+    With ``checkpoint`` set, a checkpoint is written every ``checkpoint_every``
+    steps and at the end, and a run that finds the file resumes from it
+    (parameters, optimizer, step, epoch, position in the epoch, every rank's
+    random streams), continuing exactly where it stopped.
+
+    A non-finite loss stops every rank (the loss is the same on all of them)
+    with :class:`FloatingPointError` naming the step.
+
+    :returns: ``{"step", "loss", "seconds", "resumed_from"}``.
+    """
+    log = log or MetricsLog(None, mesh=mesh)
+    step, resumed_from = 0, None
+    if checkpoint and os.path.exists(checkpoint):
+        info = load_checkpoint(checkpoint, mesh=mesh, optim=svi.optim, elbo=elbo, rank_objects=rank_objects)
+        step = resumed_from = info["step"]
+    per_epoch = len(sampler)
+    total = epochs * per_epoch
+    bar = tqdm(total=total, initial=step, disable=not progress or mesh.rank != 0, desc="SVI", unit="step")
+    loss, start = float("nan"), time.perf_counter()
+    done = step
+    while step < total:
+        epoch, offset = divmod(step, per_epoch)
+        sampler.set_epoch(epoch)
+        for i, idx in enumerate(sampler):
+            if i < offset:
+                continue
+            loss = svi.step(*batch(idx))
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"The loss is {loss} at step {step} (epoch {epoch}); every rank stops here. "
+                    "Lower the learning rate or check the model."
+                )
+            step += 1
+            elapsed = time.perf_counter() - start
+            rate = (step - done) / elapsed if elapsed > 0 else 0.0
+            log.write(step=step, epoch=epoch, loss=loss, steps_per_second=rate)
+            log.scalar("loss", loss, step)
+            bar.set_postfix(loss=f"{loss:.4g}", steps_s=f"{rate:.1f}")
+            bar.update(1)
+            if on_step is not None:
+                on_step(step)
+            if checkpoint and checkpoint_every and step % checkpoint_every == 0:
+                save_checkpoint(checkpoint, mesh=mesh, step=step, epoch=epoch, optim=svi.optim, elbo=elbo, rank_objects=rank_objects)
+    bar.close()
+    if checkpoint:
+        save_checkpoint(checkpoint, mesh=mesh, step=step, epoch=epochs, optim=svi.optim, elbo=elbo, rank_objects=rank_objects)
+    return {"step": step, "loss": loss, "seconds": time.perf_counter() - start, "resumed_from": resumed_from}
