@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyro-sp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a Bayesian MLP on the bundled digits with sampling parallelism")
-    demo.add_argument("--nproc", type=int, default=2, help="local ranks to launch (default 2)")
+    demo.add_argument("--nproc", type=int, default=None,
+                      help="local ranks to launch (default 2; under torchrun: its world size)")
     demo.add_argument("--sample", type=int, default=None, help="sample axis size (default: all ranks)")
     demo.add_argument("--data", type=int, default=None, help="data axis size (default: nproc // sample)")
     demo.add_argument("--particles", type=int, default=16, help="global number of particles (default 16)")
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.nproc is None:
+        a.nproc = int(os.environ.get("WORLD_SIZE", "2")) if "RANK" in os.environ else 2
     if a.nproc < 1:
         p.error(f"--nproc must be at least 1, got {a.nproc}.")
     if a.sample is None and a.data is None:
@@ -80,12 +83,25 @@ def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--device cuda needs one GPU per rank: {a.nproc} ranks, {torch.cuda.device_count()} GPUs.")
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc``: the launcher's parser would take it for its ``--nproc-per-node``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def _launch(argv: list[str], nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "--module", "pyro_sp.cli"] + argv
+        ["--standalone", f"--nproc-per-node={nproc}", "--module", "pyro_sp.cli"] + _without_nproc(argv)
     )
     try:
         run(args)

@@ -1,0 +1,251 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Hybrid training end to end: sharded data, per-rank augmentation,
+checkpoint/resume, NaN stop, the elastic restart, and the pyro-sp command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.distributed as tdist
+from pyro.infer import SVI
+from pyro.infer.autoguide import AutoNormal
+
+import pyro_sp
+from pyro_sp.cli import main as cli_main
+from pyro_sp.data import Augmenter, ShardedBatchSampler, load_digits, load_sunspots
+from pyro_sp.train import fit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- sharding and augmentation --------------------------------------------------------
+def sampler_batches(sample: int, data: int, num_items: int, batch: int):
+    mesh = pyro_sp.SPMesh(sample=sample, data=data)
+    sampler = ShardedBatchSampler(num_items, batch, mesh=mesh, seed=3)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        epochs.append([b.tolist() for b in sampler])
+    return mesh.sample_index, mesh.data_index, epochs
+
+
+@pytest.mark.parametrize("sample,data,num_items,batch", [(2, 2, 103, 10), (1, 3, 50, 7), (3, 1, 20, 6)])
+def test_data_groups_partition_each_epoch(pools, sample, data, num_items, batch):
+    results = pools(sample * data).run(sampler_batches, sample, data, num_items, batch)
+    by_group = {}
+    for s, d, epochs in results:
+        if d in by_group:
+            assert epochs == by_group[d], "ranks of one sample group got different batches"
+        by_group[d] = epochs
+    lengths = {len(e) for epochs in by_group.values() for e in epochs}
+    assert len(lengths) == 1, "data groups would take different numbers of steps"
+    for epoch in range(2):
+        seen = [i for d in by_group for b in by_group[d][epoch] for i in b]
+        assert sorted(seen) == list(range(num_items)), "not a partition of the data set"
+        assert all(len(b) <= batch for d in by_group for b in by_group[d][epoch])
+    if data == 1:
+        return
+    assert by_group[0][0] != by_group[0][1], "epochs were not reshuffled"
+
+
+def augmented(independent: bool):
+    mesh = pyro_sp.SPMesh(sample=2, data=2)
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    first = Augmenter(mesh=mesh, seed=5, independent=independent)(x)
+    again = Augmenter(mesh=mesh, seed=5, independent=independent)(x)
+    return mesh.sample_index, mesh.data_index, first, torch.equal(first, again)
+
+
+@pytest.mark.parametrize("independent", [True, False])
+def test_augmentation_streams(pools, independent):
+    results = {(s, d): (out, same) for s, d, out, same in pools(4).run(augmented, independent)}
+    assert all(same for _, same in results.values()), "augmentation not reproducible from the seed"
+    for d in range(2):
+        equal = torch.equal(results[(0, d)][0], results[(1, d)][0])
+        assert equal != independent
+    assert not torch.equal(results[(0, 0)][0], results[(0, 1)][0])
+
+
+def test_bundled_data_sets():
+    digits = load_digits(images=True)
+    assert digits.x_train.shape[1:] == (1, 8, 8) and len(digits.x_train) + len(digits.x_test) == 1797
+    assert 0.0 <= digits.x_train.min() and digits.x_train.max() <= 1.0
+    sun = load_sunspots(window=12)
+    assert sun.x_train.shape[1] == 12 and len(sun.x_train) == len(sun.y_train)
+    assert torch.isfinite(sun.x_train).all() and torch.isfinite(sun.y_test).all()
+    # the windows are the series itself: the target of one window starts the next
+    assert torch.equal(sun.x_train[1, -1], sun.y_train[0])
+
+
+# ---- checkpoint and resume --------------------------------------------------------------
+X = torch.linspace(-1, 1, 40).unsqueeze(-1) * torch.tensor([1.0, -0.5, 2.0])
+
+
+def _regression(x, y):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+    with pyro.plate("data", 40, subsample=torch.arange(x.shape[0])):
+        pyro.sample("y", dist.Normal((x * w).sum(-1), 0.5), obs=y)
+
+
+def run_training(steps_total: int, checkpoint: str | None, stop_after: int | None, data: int = 1):
+    """Train for steps_total steps (or stop after stop_after, checkpointing there); return the params."""
+    world = tdist.get_world_size()
+    mesh = pyro_sp.SPMesh(sample=world // data, data=data)
+    y = (X * torch.tensor([0.5, 1.0, -1.0])).sum(-1)
+    pyro.set_rng_seed(1)
+    guide = AutoNormal(_regression)
+    elbo = pyro_sp.DistributedTrace_ELBO(num_particles=6, mesh=mesh, seed=11)
+    svi = SVI(_regression, guide, pyro.optim.Adam({"lr": 0.05}), loss=elbo)
+    sampler = ShardedBatchSampler(40, 8, mesh=mesh, seed=2)
+    epochs = steps_total // len(sampler)
+    stopper = None
+    if stop_after is not None:
+        def stopper(step):
+            if step == stop_after:
+                raise KeyboardInterrupt  # a crash right after the checkpoint at this step
+
+    try:
+        fit(svi, sampler, lambda idx: (X[idx], y[idx]), epochs=epochs, mesh=mesh, elbo=elbo,
+            checkpoint=checkpoint, checkpoint_every=stop_after or 0, progress=False, on_step=stopper)
+    except KeyboardInterrupt:
+        return None
+    return {n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()}
+
+
+@pytest.mark.parametrize("data", [1, 2], ids=["sample2", "data2"])
+def test_resume_is_bit_identical(pools, tmp_path, data):
+    pool = pools(2)
+    path = str(tmp_path / f"ckpt{data}.pt")
+    straight = pool.run(run_training, 30, None, None, data)
+    assert pool.run(run_training, 30, path, 13, data) == [None, None]  # stops mid-epoch after step 13
+    resumed = pool.run(run_training, 30, path, None, data)
+    for a, b in zip(straight, resumed):
+        assert a.keys() == b.keys()
+        for n in a:
+            assert torch.equal(a[n], b[n]), n
+
+
+def nan_training():
+    mesh = pyro_sp.SPMesh(sample=2)
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(w * x[:, 0] * float("nan"), 1.0), obs=y)
+
+    pyro.enable_validation(False)
+    svi = SVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 0.1}), loss=pyro_sp.DistributedTrace_ELBO(num_particles=2, mesh=mesh))
+    fit(svi, ShardedBatchSampler(40, 10, mesh=mesh), lambda idx: (X[idx], X[idx, 0]), epochs=1, mesh=mesh, progress=False)
+
+
+def test_nan_loss_stops_every_rank(pools):
+    for kind, msg, _ in pools(2).run_expecting_errors(nan_training).values():
+        assert kind == "FloatingPointError" and "at step 0" in msg
+
+
+# ---- elastic restart ----------------------------------------------------------------------
+ELASTIC_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import pyro, pyro.distributions as dist, torch
+    from pyro.infer import SVI
+    from pyro.infer.autoguide import AutoNormal
+    import pyro_sp
+    from pyro_sp.data import ShardedBatchSampler
+    from pyro_sp.train import fit
+
+    out, kill_at = sys.argv[1], int(sys.argv[2])
+    mesh = pyro_sp.init_mesh()
+    torch.set_num_threads(1)
+    x = torch.linspace(-1, 1, 40).unsqueeze(-1) * torch.tensor([1.0, -0.5, 2.0])
+    y = (x * torch.tensor([0.5, 1.0, -1.0])).sum(-1)
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        with pyro.plate("data", 40, subsample=torch.arange(x.shape[0])):
+            pyro.sample("y", dist.Normal((x * w).sum(-1), 0.5), obs=y)
+
+    pyro.set_rng_seed(0)
+    elbo = pyro_sp.DistributedTrace_ELBO(num_particles=6, mesh=mesh, seed=3)
+    svi = SVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 0.05}), loss=elbo)
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+
+    def crash(step):
+        if kill_at and first_attempt and mesh.rank == 1 and step == kill_at:
+            os._exit(17)  # a rank dies without a word
+
+    result = fit(svi, ShardedBatchSampler(40, 8, mesh=mesh), lambda i: (x[i], y[i]), epochs=8, mesh=mesh,
+                 elbo=elbo, checkpoint=os.path.join(out, "ckpt.pt"), checkpoint_every=5, progress=False, on_step=crash)
+    if mesh.rank == 0:
+        loc = pyro.param("AutoNormal.locs.w").detach().tolist()
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump({"loss": result["loss"], "loc": loc, "resumed_from": result["resumed_from"]}, f)
+    torch.distributed.destroy_process_group()
+    """
+)
+
+
+def _torchrun(tmp_path, name: str, kill_at: int) -> dict:
+    folder = tmp_path / name
+    folder.mkdir()
+    script = tmp_path / "elastic.py"
+    script.write_text(ELASTIC_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "--max-restarts=1", "--monitor-interval=0.5", str(script), str(folder), str(kill_at)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((folder / "result.json").read_text())
+
+
+def test_elastic_restart_finishes_and_matches(tmp_path):
+    killed = _torchrun(tmp_path, "killed", kill_at=17)
+    straight = _torchrun(tmp_path, "straight", kill_at=0)
+    assert killed["resumed_from"] == 15 and straight["resumed_from"] is None
+    # the resumed run continues exactly; MC tolerance would allow far more
+    assert killed["loc"] == pytest.approx(straight["loc"], abs=1e-6)
+    assert killed["loss"] == pytest.approx(straight["loss"], rel=1e-6)
+
+
+# ---- the command ------------------------------------------------------------------------
+def test_demo_smoke(tmp_path):
+    cmd = [sys.executable, "-m", "pyro_sp.cli", "demo", "--nproc", "2", "--epochs", "1", "--particles", "4",
+           "--predictive-samples", "4", "--out", str(tmp_path / "demo")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test accuracy" in proc.stdout and "ECE" in proc.stdout
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["steps"] == 12
+    for name in ("reliability.png", "uncertainty.png", "metrics.jsonl", "checkpoint.pt"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["demo", "--sample", "3", "--nproc", "4"], "--sample 3 must divide --nproc 4"),
+        (["demo", "--data", "3", "--nproc", "4"], "--data 3 must divide --nproc 4"),
+        (["demo", "--sample", "2", "--data", "3", "--nproc", "4"], "--sample 2 times --data 3 must equal --nproc 4"),
+        (["demo", "--particles", "1", "--nproc", "2"], "--particles 1 must be at least --sample 2"),
+        (["demo", "--nproc", "0"], "--nproc must be at least 1"),
+        (["demo", "--epochs", "0"], "--epochs must be at least 1"),
+    ],
+)
+def test_cli_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_info(capsys):
+    assert cli_main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"pyro_sp {pyro_sp.__version__}" in out and "gloo" in out
