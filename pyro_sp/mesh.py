@@ -195,6 +195,28 @@ def _in_torchrun() -> bool:
     return all(v in os.environ for v in _TORCHRUN_VARS)
 
 
+def _attempt_store(timeout: datetime.timedelta):
+    """
+    The rendezvous store of this launch attempt. Under ``torchrun
+    --max-restarts`` the agent's store outlives a failed attempt, and a
+    restarted rank could read a dead peer's address left from the previous
+    attempt (then fail with "Connection refused"); keys are therefore
+    prefixed with the attempt number.
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent_store and rank == 0,
+        timeout=timeout,
+        multi_tenant=not agent_store,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"pyro_sp/attempt_{attempt}", store), rank, world
+
+
 def init_mesh(
     sample: int | None = None,
     data: int | None = None,
@@ -221,7 +243,8 @@ def init_mesh(
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=timeout)
+        store, rank, world = _attempt_store(timeout)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     world = dist.get_world_size() if dist.is_initialized() else 1
     if sample is None and data is None:
         sample = world

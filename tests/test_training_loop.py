@@ -201,6 +201,7 @@ def _torchrun(tmp_path, name: str, kill_at: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "--max-restarts=1", "--monitor-interval=0.5", str(script), str(folder), str(kill_at)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO)
+    (tmp_path / f"{name}.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((folder / "result.json").read_text())
 
