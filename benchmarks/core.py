@@ -55,9 +55,10 @@ def bnn_model(sizes: tuple[int, ...]):
 
     def model(x, y):
         h = x
+        zero = x.new_zeros(())  # priors on the data's device
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            w = pyro.sample(f"w{i}", dist.Normal(0.0, 1.0).expand([fan_in, fan_out]).to_event(2))
-            b = pyro.sample(f"b{i}", dist.Normal(0.0, 1.0).expand([fan_out]).to_event(1))
+            w = pyro.sample(f"w{i}", dist.Normal(zero, 1.0).expand([fan_in, fan_out]).to_event(2))
+            b = pyro.sample(f"b{i}", dist.Normal(zero, 1.0).expand([fan_out]).to_event(1))
             if w.dim() == 4:  # (particles, 1, in, out): drop the data-plate dimension
                 w, b = w.squeeze(-3), b.squeeze(-2)
             h = h @ (w / fan_in**0.5) + b.unsqueeze(-2)

@@ -205,7 +205,7 @@ def pinned_sequential_noise(elbo, first_particle: int, seed: int = 0):
     def fake(shape, dtype, device):
         g = torch.Generator().manual_seed(seed * 1_000_003 + state["k"] * 1009 + state["j"])
         state["j"] += 1
-        return torch.randn(tuple(shape), generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+        return torch.randn(tuple(shape), generator=g, dtype=torch.float64, device="cpu").to(dtype=dtype, device=device)
 
     modules = [importlib.import_module(m) for m in _NOISE_MODULES]
     saved = [m._standard_normal for m in modules]

@@ -30,10 +30,12 @@ ESTIMATORS = {
 
 def make_data(seed: int, n: int = NUM_DATA) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, DIM, generator=g, dtype=torch.float64)
-    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
-    y = x @ w + 0.3 + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
-    return x.to(torch.get_default_dtype()), y.to(torch.get_default_dtype())
+    x = torch.randn(n, DIM, generator=g, dtype=torch.float64, device="cpu")
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, device="cpu")
+    y = x @ w + 0.3 + 0.5 * torch.randn(n, generator=g, dtype=torch.float64, device="cpu")
+    # drawn on the CPU, then moved: the same data on any default device
+    to = dict(dtype=torch.get_default_dtype(), device=torch.get_default_device())
+    return x.to(**to), y.to(**to)
 
 
 def model(x, y, subsample=None, subsample_size=None):

@@ -38,7 +38,8 @@ B = 12  # data points
 
 def _x(data_index: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(40 + data_index)
-    return (torch.randn(B, generator=g, dtype=torch.float64) + 1.0).to(torch.get_default_dtype())
+    x = torch.randn(B, generator=g, dtype=torch.float64, device="cpu") + 1.0
+    return x.to(dtype=torch.get_default_dtype(), device=torch.get_default_device())
 
 
 # ---- models -----------------------------------------------------------------------

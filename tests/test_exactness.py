@@ -23,7 +23,8 @@ def _inputs(data_index: int, plate: str):
     if plate == "full":
         return model, (x, y), {}
     g = torch.Generator().manual_seed(20 + data_index)
-    return model, (x, y), {"subsample": torch.randperm(NUM_DATA, generator=g)[:SUBSAMPLE]}
+    idx = torch.randperm(NUM_DATA, generator=g, device="cpu")[:SUBSAMPLE]
+    return model, (x, y), {"subsample": idx.to(torch.get_default_device())}
 
 
 def _params():

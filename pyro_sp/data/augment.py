@@ -29,15 +29,15 @@ def random_shift_and_noise(
     if x.dim() != 4:
         raise ValueError(f"Expected images of shape (batch, channels, height, width), got {tuple(x.shape)}.")
     b, _, h, w = x.shape
-    shifts = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator)
-    shifts = shifts * (torch.rand(b, 1, generator=generator) < p_shift)
+    shifts = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=generator, device="cpu")
+    shifts = shifts * (torch.rand(b, 1, generator=generator, device="cpu") < p_shift)
     padded = torch.nn.functional.pad(x, (max_shift,) * 4)
-    rows = (torch.arange(h) + max_shift).unsqueeze(0) - shifts[:, :1]  # (B, H)
-    cols = (torch.arange(w) + max_shift).unsqueeze(0) - shifts[:, 1:]  # (B, W)
+    rows = (torch.arange(h, device="cpu") + max_shift).unsqueeze(0) - shifts[:, :1]  # (B, H)
+    cols = (torch.arange(w, device="cpu") + max_shift).unsqueeze(0) - shifts[:, 1:]  # (B, W)
     rows, cols = rows.to(x.device), cols.to(x.device)
     out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
     out = out.permute(0, 3, 1, 2)
-    eps = torch.randn(out.shape, generator=generator)  # drawn on the CPU: reproducible anywhere
+    eps = torch.randn(out.shape, generator=generator, device="cpu")  # the same numbers on any device
     return out + noise * eps.to(x.device, x.dtype)
 
 

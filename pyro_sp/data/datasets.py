@@ -22,7 +22,8 @@ class Split:
 
 def _split(x, y, test_fraction: float, seed: int, shuffle: bool = True) -> Split:
     n = len(x)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g, device="cpu") if shuffle else torch.arange(n, device="cpu")
     cut = n - int(round(test_fraction * n))
     return Split(x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]])
 

@@ -62,9 +62,9 @@ class ShardedBatchSampler:
         """This data group's indices for the current epoch."""
         if self.shuffle:
             g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", self.epoch))
-            order = torch.randperm(self.num_items, generator=g)
+            order = torch.randperm(self.num_items, generator=g, device="cpu")
         else:
-            order = torch.arange(self.num_items)
+            order = torch.arange(self.num_items, device="cpu")
         return order.tensor_split(self.mesh.data)[self.mesh.data_index]
 
     def __iter__(self):
