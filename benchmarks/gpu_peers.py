@@ -1,0 +1,145 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Per-GPU baselines for the Bayesian MLP of ``gpu_mlp.py`` (3072-2048-2048-10,
+batch 256, mean-field Normal guide with softplus scales, N(0, 1) priors,
+vectorized particles): the same estimator written in raw PyTorch (eager and
+``torch.compile``) and in NumPyro (``jit``). Not a test; writes JSON.
+
+    python benchmarks/gpu_peers.py torch --particles 8 32 64 --out torch.json
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/gpu_peers.py numpyro --particles 8 32 64 --out numpyro.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+SIZES = (3072, 2048, 2048, 10)
+BATCH = 256
+
+
+def torch_suite(args) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    device = torch.device("cuda")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(BATCH, SIZES[0], generator=g).to(device)
+    y = torch.randint(0, SIZES[-1], (BATCH,), generator=g).to(device)
+    shapes = [s for a, b in zip(SIZES[:-1], SIZES[1:]) for s in ((a, b), (b,))]
+    locs = [torch.zeros(s, device=device, requires_grad=True) for s in shapes]
+    rhos = [torch.full(s, math.log(math.expm1(0.01)), device=device, requires_grad=True) for s in shapes]
+    optim = torch.optim.Adam(locs + rhos, lr=1e-3)
+    half_log_2pi = 0.5 * math.log(2 * math.pi)
+
+    def loss_fn(n: int):
+        h, log_w = x, 0.0
+        for i in range(0, len(shapes), 2):
+            sampled = []
+            for j in (i, i + 1):
+                scale = F.softplus(rhos[j])
+                eps = torch.randn((n,) + shapes[j], device=device)
+                z = locs[j] + scale * eps
+                log_q = (-0.5 * eps**2 - scale.log() - half_log_2pi).flatten(1).sum(-1)
+                log_p = (-0.5 * z**2 - half_log_2pi).flatten(1).sum(-1)
+                log_w = log_w + log_p - log_q
+                sampled.append(z)
+            w, b = sampled
+            h = h @ (w / math.sqrt(shapes[i][0])) + b.unsqueeze(-2)
+            if i < len(shapes) - 2:
+                h = torch.relu(h)
+        log_lik = -F.cross_entropy(h.flatten(0, 1), y.repeat(n), reduction="none").view(n, -1).sum(-1)
+        return -(log_lik + log_w).mean()
+
+    def step(fn, n):
+        optim.zero_grad(set_to_none=True)
+        fn(n).backward()
+        optim.step()
+
+    compiled = torch.compile(loss_fn, dynamic=False)
+    rows = []
+    for n in args.particles:
+        row = {"particles": n}
+        for name, fn in (("raw_torch_eager", loss_fn), ("raw_torch_compile", compiled)):
+            for _ in range(args.warmup):
+                step(fn, n)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(args.steps):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                step(fn, n)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            row[name] = {"step_ms_median": 1e3 * statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"suite": "raw_torch", "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+
+
+def numpyro_suite(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.infer.autoguide import AutoNormal
+
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (BATCH, SIZES[0]))
+    y = jax.random.randint(key, (BATCH,), 0, SIZES[-1])
+
+    def model(x, y):
+        h = x
+        for i, (a, b) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+            w = numpyro.sample(f"w{i}", dist.Normal(0.0, 1.0).expand([a, b]).to_event(2))
+            bias = numpyro.sample(f"b{i}", dist.Normal(0.0, 1.0).expand([b]).to_event(1))
+            h = h @ (w / math.sqrt(a)) + bias
+            if i < len(SIZES) - 2:
+                h = jax.nn.relu(h)
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("y", dist.Categorical(logits=h), obs=y)
+
+    rows = []
+    for n in args.particles:
+        svi = SVI(model, AutoNormal(model, init_scale=0.01), numpyro.optim.Adam(1e-3),
+                  Trace_ELBO(num_particles=n, vectorize_particles=True))
+        state = svi.init(key, x, y)
+        update = jax.jit(svi.update)
+        for _ in range(args.warmup):
+            state, loss = update(state, x, y)
+        jax.block_until_ready(loss)
+        times = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            state, loss = update(state, x, y)
+            jax.block_until_ready(loss)
+            times.append(time.perf_counter() - t0)
+        row = {"particles": n, "numpyro_jit": {"step_ms_median": 1e3 * statistics.median(times)}}
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            row["numpyro_jit"]["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"suite": "numpyro", "device": str(jax.devices()[0]), "numpyro": numpyro.__version__, "rows": rows}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suite", choices=("torch", "numpyro"))
+    p.add_argument("--particles", type=int, nargs="+", default=[8, 32, 64])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    result = torch_suite(args) if args.suite == "torch" else numpyro_suite(args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
