@@ -104,6 +104,17 @@ def test_failure_keeps_earlier_gradients(pools):
     assert pools(2).run(failure_keeps_earlier_gradients) == [True, True]
 
 
+def jit_random_subsample():
+    x, y = make_data(0)
+    elbo = pyro_sp.DistributedJitTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2))
+    elbo.loss_and_grads(model, param_guide, x, y, subsample_size=6)
+
+
+def test_jit_refuses_random_subsampling_under_a_sample_axis(pools):
+    for kind, msg, _ in _errors(pools(2), jit_random_subsample).values():
+        assert kind == "RuntimeError" and "JIT-compiled ELBO" in msg and "subsample=" in msg
+
+
 def healthy():
     world = tdist.get_world_size()
     _loss(pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=world)))
