@@ -114,9 +114,14 @@ def single(args) -> dict:
 
 
 def scaling(args) -> dict:
-    mesh = pyro_sp.init_mesh()
+    """Sampling parallelism (all ranks on the sample axis), or with ``--data-parallel``
+    DDP-style data parallelism on the same global work: every rank all N particles
+    and ``1 / world`` of the batch."""
+    mesh = pyro_sp.init_mesh(sample=1) if args.data_parallel else pyro_sp.init_mesh()
     device = torch.device("cuda", torch.cuda.current_device())
     x, y = data(device)
+    if args.data_parallel:
+        x, y = x.tensor_split(mesh.data)[mesh.data_index], y.tensor_split(mesh.data)[mesh.data_index]
     pyro_model = bnn_model(SIZES)
     rows = []
     configs = [("strong", n, n) for n in args.particles] + [("weak", p, p * mesh.world_size) for p in args.per_gpu]
@@ -128,10 +133,12 @@ def scaling(args) -> dict:
                 svi.step(x, y)
         count, nbytes, seconds = rec.total("all_reduce_gradients")
         row = {
+            "mode": "data_parallel" if args.data_parallel else "sample_parallel",
+            "batch_per_gpu": x.shape[0],
             "scaling": kind,
             "gpus": mesh.world_size,
             "particles_total": total,
-            "particles_per_gpu": total // mesh.world_size,
+            "particles_per_gpu": total // mesh.sample,
             **result,
             "gradient_all_reduce_per_step": {"count": count / 3, "bytes": nbytes / 3, "ms": 1e3 * seconds / 3},
             "step_check_ms": 1e3 * rec.total("step_check")[2] / 3,
@@ -151,6 +158,7 @@ def main():
     p.add_argument("--per-gpu", type=int, nargs="*", default=[8, 32])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--data-parallel", action="store_true", help="scaling: split the batch instead of the particles")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     result = single(args) if args.suite == "single" else scaling(args)
