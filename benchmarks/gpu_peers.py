@@ -6,6 +6,7 @@ vectorized particles): the same estimator written in raw PyTorch (eager and
 
     python benchmarks/gpu_peers.py torch --particles 8 32 64 --out torch.json
     XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/gpu_peers.py numpyro --particles 8 32 64 --out numpyro.json
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/gpu_peers.py numpyro --pmap --particles 16 64 --out numpyro_pmap.json
 """
 
 from __future__ import annotations
@@ -103,10 +104,17 @@ def numpyro_suite(args) -> dict:
         with numpyro.plate("data", x.shape[0]):
             numpyro.sample("y", dist.Categorical(logits=h), obs=y)
 
+    def pmap_of_vmap(fn, keys):
+        """NumPyro's particles over the GPUs of this process: pmap of vmap."""
+        d = jax.local_device_count()
+        out = jax.pmap(jax.vmap(fn))(keys.reshape((d, keys.shape[0] // d) + keys.shape[1:]))
+        return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out)
+
+    strategy = pmap_of_vmap if args.pmap else True
     rows = []
     for n in args.particles:
         svi = SVI(model, AutoNormal(model, init_scale=0.01), numpyro.optim.Adam(1e-3),
-                  Trace_ELBO(num_particles=n, vectorize_particles=True))
+                  Trace_ELBO(num_particles=n, vectorize_particles=strategy))
         state = svi.init(key, x, y)
         update = jax.jit(svi.update)
         for _ in range(args.warmup):
@@ -118,10 +126,11 @@ def numpyro_suite(args) -> dict:
             state, loss = update(state, x, y)
             jax.block_until_ready(loss)
             times.append(time.perf_counter() - t0)
-        row = {"particles": n, "numpyro_jit": {"step_ms_median": 1e3 * statistics.median(times)}}
+        name = f"numpyro_pmap_{jax.local_device_count()}_gpus" if args.pmap else "numpyro_jit"
+        row = {"particles": n, name: {"step_ms_median": 1e3 * statistics.median(times)}}
         stats = jax.devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:
-            row["numpyro_jit"]["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+            row[name]["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"suite": "numpyro", "device": str(jax.devices()[0]), "numpyro": numpyro.__version__, "rows": rows}
@@ -133,6 +142,7 @@ def main():
     p.add_argument("--particles", type=int, nargs="+", default=[8, 32, 64])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--pmap", action="store_true", help="numpyro: particles over all local GPUs (pmap of vmap)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     result = torch_suite(args) if args.suite == "torch" else numpyro_suite(args)
