@@ -6,14 +6,17 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer.predictive import _predictive_vectorize_plate_name
+from pyro.infer import predictive as _pyro_predictive
 from pyro.poutine.runtime import get_plates
 
 from pyro_sp.poutine import PARTICLE_PLATE
 
 #: Plates whose dimension indexes samples of the network: the ELBO's particles
 #: and the vectorized Predictive's samples.
-_SAMPLE_PLATES = (PARTICLE_PLATE, _predictive_vectorize_plate_name)
+_SAMPLE_PLATES = (
+    PARTICLE_PLATE,
+    getattr(_pyro_predictive, "_predictive_vectorize_plate_name", "_num_predictive_samples"),
+)
 
 __all__ = ["categorical_likelihood", "normal_likelihood"]
 
