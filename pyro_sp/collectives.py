@@ -52,8 +52,9 @@ _RECORD: CollectiveRecord | None = None
 @contextlib.contextmanager
 def record_collectives() -> Iterator[CollectiveRecord]:
     """
-    Record every collective that pyro_sp issues inside the block, with its
-    payload and wall time (CUDA is synchronised around each one while
+    Record the collectives of the per-step path inside the block — the step
+    check, the gradient all-reduce, parameter broadcasts and row gathers — with
+    their payload and wall time (CUDA is synchronised around each one while
     recording, so the times are real but the overlap is lost). Costs nothing
     when not recording.
     """

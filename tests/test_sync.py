@@ -267,3 +267,25 @@ def test_random_streams(pools):
         for j in range(i + 1, 4):
             assert not torch.allclose(draws[i], draws[j]), "two ranks drew the same particle noise"
     assert all(r[4] for r in results), "the estimator advanced the user's global RNG"
+
+
+def earlier_gradient_of_a_param_unused_last_call():
+    """A parameter used now but not in the previous call keeps its earlier gradient."""
+    x, y = make_data(0)
+    elbo = pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2))
+    elbo.loss_and_grads(_growing_model, _growing_guide, x, y, extra=True)  # creates and syncs "late"
+    late = pyro.param("late").unconstrained()
+    lo, hi = elbo.mesh.particle_share(4)
+    out = []
+    for preset in (None, 10.0):
+        elbo.loss_and_grads(_growing_model, _growing_guide, x, y)  # "late" unused in this call
+        late.grad = None if preset is None else torch.full_like(late, preset)
+        with pinned_noise(4, lo, hi), particle_seed(elbo, 21):
+            elbo.loss_and_grads(_growing_model, _growing_guide, x, y, extra=True)
+        out.append(late.grad.clone())
+    return out
+
+
+def test_earlier_gradient_of_a_param_unused_last_call(pools):
+    for increment, with_preset in pools(2).run(earlier_gradient_of_a_param_unused_last_call):
+        assert_close(with_preset, increment + 10.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 
+import pyro
 import torch
 import torch.distributed as dist
 from pyro import poutine
@@ -57,12 +58,16 @@ class DistributedELBO:
     2. one small all-reduce carries the partial losses and a signature of
        ``num_particles``, mesh and parameter names/shapes: a rank that failed
        or disagrees makes every rank raise;
-    3. parameters (and module buffers) that no collective has seen yet are
-       broadcast from rank 0 and the call is run again, so no gradient is
-       ever computed from unsynchronised values;
+    3. parameters that no collective has seen yet are broadcast from rank 0,
+       with the model's and guide's module buffers, and the call is run again,
+       so no gradient is ever computed from unsynchronised values;
     4. gradients of this call only are summed over the world in one flat
-       all-reduce per dtype (name order) and divided by :math:`D`;
+       all-reduce per (dtype, device) (name order) and divided by :math:`D`;
        gradients that were already accumulated are kept.
+
+    Nonlinear estimators (Renyi, tail-adaptive) gather over the sample axis
+    after step 2; a rank that fails there (e.g. out of memory in ``backward``)
+    leaves the others waiting until the collective timeout.
 
     Without a process group the Pyro estimator runs untouched: the result is
     bit-identical to Pyro's.
@@ -174,7 +179,7 @@ class DistributedELBO:
         self._subsample_rng = RNGStream(derive_seed(seed, "subsample", self.mesh.data_index))
 
     def _shard_messenger(self) -> ShardParticlesMessenger:
-        lo, hi = self.mesh.particle_share(self.num_particles)
+        lo, hi = self._share
         return ShardParticlesMessenger(
             lo, hi, self.num_particles, subsample_rng=self._subsample_rng
         )
@@ -238,7 +243,7 @@ class DistributedELBO:
         for _ in range(_MAX_SETUP_ROUNDS):
             self._particle_rng.set_state(rng_states[0])
             self._subsample_rng.set_state(rng_states[1])
-            stash = self._stash_grads() if kind == "loss_and_grads" else None
+            stash = self._stash_grads(model, guide) if kind == "loss_and_grads" else None
             payload, error, params = None, None, {}
             self._share = self.mesh.particle_share(self.num_particles)
             try:
@@ -252,10 +257,12 @@ class DistributedELBO:
             finally:
                 self._share = None
             names = sorted(params)
+            fresh = [n for n in names if not self._is_synced(params[n])]
             layout = {
                 "num_particles": self.num_particles,
                 "mesh": (self.mesh.sample, self.mesh.data),
                 "params": {n: tuple(params[n].shape) for n in names},
+                "unsynchronised": fresh,  # every rank must agree to broadcast
             }
             try:
                 total = step_check(
@@ -270,7 +277,6 @@ class DistributedELBO:
                 if stash is not None:  # give back the gradients held before the call
                     self._restore_grads(stash, params.values(), reduced=None)
                 raise
-            fresh = [n for n in names if not self._is_synced(params[n])]
             if not fresh:
                 break
             self._broadcast_new([params[n] for n in fresh], model, guide)
@@ -336,13 +342,18 @@ class DistributedELBO:
         for t in tensors:
             self._synced[id(t)] = weakref.ref(t)
 
-    def _stash_grads(self) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Take away the gradients accumulated before this call, so the call's own increment is isolated."""
-        stash = {}
-        for p in self._last_params:
-            stash[id(p)] = (p, p.grad)
-            p.grad = None
-        return stash
+    def _stash_grads(self, model, guide) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+        """
+        Take away the gradients accumulated before this call from every
+        parameter the call may touch (param store, model and guide modules,
+        the last call's), so the call's own increment is isolated.
+        """
+        candidates = list(self._last_params)
+        candidates += [p for _, p in pyro.get_param_store().named_parameters()]
+        for module in (model, guide):
+            if isinstance(module, torch.nn.Module):
+                candidates += list(module.parameters())
+        return _stash(candidates)
 
     def _restore_grads(self, stash, params, *, reduced) -> None:
         """``.grad = earlier + reduced increment``; with ``reduced=None`` drop the increment."""
@@ -367,10 +378,7 @@ class _GradientSync:
         self.elbo, self.params = elbo, params
 
     def arm(self) -> None:
-        stash = {}
-        for p in self.params:
-            stash[id(p)] = (p, p.grad)
-            p.grad = None
+        stash = _stash(self.params)
 
         def finish() -> None:
             grads = [p.grad for p in self.params]
@@ -394,6 +402,16 @@ class _SyncGradients(torch.autograd.Function):
     def backward(ctx, grad):
         ctx.sync.arm()
         return grad, None, None
+
+
+def _stash(params) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Set ``.grad = None`` on ``params`` and return what they held, by tensor identity."""
+    stash = {}
+    for p in params:
+        if id(p) not in stash:
+            stash[id(p)] = (p, p.grad)
+            p.grad = None
+    return stash
 
 
 def _as_float(value) -> float:

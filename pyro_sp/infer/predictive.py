@@ -37,7 +37,9 @@ class DistributedPredictive(torch.nn.Module):
         ``"rank0"`` gives it to the first rank of the axis group only (the others
         get ``None``), to save memory.
     :param int seed: seed of the per-rank streams; default rank 0's
-        :func:`torch.initial_seed`. The caller's global RNG is not advanced.
+        :func:`torch.initial_seed`. With a process group the caller's global
+        RNG is not advanced; without one this is Pyro's Predictive, on the
+        global RNG.
 
     Without a process group it is :class:`pyro.infer.Predictive`.
     """

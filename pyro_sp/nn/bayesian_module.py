@@ -44,7 +44,7 @@ def _selected(selector: Selector, name: str, value: torch.Tensor) -> bool:
 
 
 def _fan_in(value: torch.Tensor) -> int:
-    return math.prod(value.shape[1:]) if value.dim() > 1 else value.shape[0]
+    return math.prod(value.shape[1:])
 
 
 def _scale(spec: ScaleSpec, name: str, value: torch.Tensor) -> float:
@@ -72,8 +72,8 @@ class BayesianModule(torch.nn.Module):
     Inside a Pyro model, ``out = bnn(x)`` samples every Bayesian parameter
     (site ``f"{name}.{parameter}"``, prior :math:`\\mathcal N(0, \\sigma^2)`)
     and returns the outputs of all particles, shape ``(P, *out)`` with the
-    particles on the left (``P = 1`` is kept when there is no particle plate,
-    e.g. during an autoguide's setup: then the shape is ``out``). The
+    particles on the left; without a particle plate (e.g. during an
+    autoguide's setup) the shape is ``out``. The
     deterministic parameters are ``pyro.param`` sites named the same way.
     Every ``Distributed…_ELBO`` and autoguide accepts the result: it is an
     ordinary Pyro program.

@@ -118,9 +118,9 @@ def normal_likelihood(
     if y is not None and tuple(y.shape) != (batch,):
         raise ValueError(f"Expected targets of shape ({batch},), got {tuple(y.shape)}.")
     if noise == "learned":
-        sigma = pyro.sample("sigma", dist.HalfNormal(torch.tensor(float(noise_prior_scale))))
+        sigma = pyro.sample("sigma", dist.HalfNormal(mean.new_tensor(float(noise_prior_scale))))
     elif isinstance(noise, (int, float)) and noise > 0:
-        sigma = torch.tensor(float(noise))
+        sigma = mean.new_tensor(float(noise))
     else:
         raise ValueError(f"Expected noise to be a positive number or 'learned', got {noise!r}.")
     with _plate(batch, num_data, plate_name):
