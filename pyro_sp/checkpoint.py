@@ -22,8 +22,20 @@ __all__ = ["load_checkpoint", "save_checkpoint"]
 _VERSION = 1
 
 
+def _local_params(elbo) -> dict:
+    """Per-rank parameters of the estimator (e.g. TraceGraph's decaying baselines)."""
+    if elbo is None or not hasattr(elbo, "_is_local_param"):
+        return {}
+    store = pyro.get_param_store()
+    return {n: store[n].unconstrained().detach().clone() for n in store.keys() if elbo._is_local_param(n)}
+
+
 def _rank_state(elbo, rank_objects: dict) -> dict:
-    state = {"torch": torch.get_rng_state(), "objects": {k: v.state_dict() for k, v in rank_objects.items()}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "objects": {k: v.state_dict() for k, v in rank_objects.items()},
+        "local_params": _local_params(elbo),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     if elbo is not None:
@@ -82,6 +94,8 @@ def save_checkpoint(
 def load_checkpoint(path: str, *, mesh: SPMesh, optim=None, elbo=None, rank_objects: dict | None = None) -> dict:
     """
     Restore a checkpoint written by :func:`save_checkpoint` on every rank.
+    Parameters go to this rank's device (its CUDA device under NCCL); each
+    rank gets back its own random state and per-rank parameters.
 
     :returns: ``{"step", "epoch", "extra"}`` of the checkpoint.
     :raises ValueError: if the mesh differs from the one that wrote it.
@@ -96,15 +110,18 @@ def load_checkpoint(path: str, *, mesh: SPMesh, optim=None, elbo=None, rank_obje
             "the same number of ranks and the same degrees."
         )
     params = state["param_store"]
+    mine = state["ranks"][mesh.rank]
+    values = dict(params["params"])
+    values.update(mine.get("local_params", {}))  # this rank's own per-rank parameters
+    device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
     pyro.get_param_store().set_state(
         {
-            "params": {n: v.detach().clone().requires_grad_() for n, v in params["params"].items()},
+            "params": {n: v.detach().to(device).clone().requires_grad_() for n, v in values.items()},
             "constraints": dict(params["constraints"]),
         }
     )
     if optim is not None and state["optim"] is not None:
         optim.set_state(state["optim"])
-    mine = state["ranks"][mesh.rank]
     torch.set_rng_state(mine["torch"])
     if "cuda" in mine and torch.cuda.is_available():
         torch.cuda.set_rng_state(mine["cuda"])

@@ -74,9 +74,12 @@ def _validate(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}.")
     if a.predictive_samples < a.sample:
         p.error(f"--predictive-samples must be at least --sample {a.sample}.")
-    if a.device == "cuda":
+    if a.device in ("auto", "cuda"):
         import torch
 
+        if a.device == "auto":  # CUDA when every rank gets a GPU, else the CPU
+            a.device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= a.nproc else "cpu"
+    if a.device == "cuda":
         if not torch.cuda.is_available():
             p.error("--device cuda asked for, but CUDA is not available here.")
         if torch.cuda.device_count() < a.nproc:
@@ -125,7 +128,7 @@ def _demo(a: argparse.Namespace) -> int:
     from pyro_sp.nn import BayesianModule, categorical_likelihood
     from pyro_sp.train import MetricsLog, fit
 
-    use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+    use_cuda = a.device == "cuda"  # "auto" was resolved by _validate
     mesh = pyro_sp.init_mesh(
         sample=a.sample,
         data=a.data,

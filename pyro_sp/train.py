@@ -78,8 +78,16 @@ def fit(
     :returns: ``{"step", "loss", "seconds", "resumed_from"}``.
     """
     log = log or MetricsLog(None, mesh=mesh)
+    if elbo is None:  # SVI keeps the estimator's bound loss_and_grads
+        candidate = getattr(getattr(svi, "loss_and_grads", None), "__self__", None)
+        elbo = candidate if hasattr(candidate, "load_state_dict") else None
     step, resumed_from = 0, None
-    if checkpoint and os.path.exists(checkpoint):
+    resume = bool(checkpoint) and os.path.exists(checkpoint)
+    if mesh.is_distributed:  # rank 0 decides, so that no rank resumes alone
+        flag = [resume]
+        torch.distributed.broadcast_object_list(flag, src=0)
+        resume = flag[0]
+    if resume:
         info = load_checkpoint(checkpoint, mesh=mesh, optim=svi.optim, elbo=elbo, rank_objects=rank_objects)
         step = resumed_from = info["step"]
     per_epoch = len(sampler)
@@ -106,10 +114,10 @@ def fit(
             log.scalar("loss", loss, step)
             bar.set_postfix(loss=f"{loss:.4g}", steps_s=f"{rate:.1f}")
             bar.update(1)
-            if on_step is not None:
-                on_step(step)
             if checkpoint and checkpoint_every and step % checkpoint_every == 0:
                 save_checkpoint(checkpoint, mesh=mesh, step=step, epoch=epoch, optim=svi.optim, elbo=elbo, rank_objects=rank_objects)
+            if on_step is not None:  # after the checkpoint of this step
+                on_step(step)
     bar.close()
     if checkpoint:
         save_checkpoint(checkpoint, mesh=mesh, step=step, epoch=epochs, optim=svi.optim, elbo=elbo, rank_objects=rank_objects)

@@ -23,7 +23,8 @@ class ShardedBatchSampler:
     All ranks of a sample group get identical batches.
 
     :param int num_items: size of the data set.
-    :param int batch_size: the largest batch of a data group.
+    :param int batch_size: the largest batch of a data group (one more item
+        only when a shard has fewer items than there are batches).
     :param SPMesh mesh: the process grid.
     :param int seed: seed of the epoch permutations.
     :param bool shuffle: draw a new permutation every epoch (else the identity).
@@ -56,7 +57,10 @@ class ShardedBatchSampler:
 
     def __len__(self) -> int:
         largest_shard = math.ceil(self.num_items / self.mesh.data)
-        return math.ceil(largest_shard / self.batch_size)
+        smallest_shard = self.num_items // self.mesh.data
+        # never more batches than the smallest shard has items (no empty batch); in
+        # that corner a batch of the largest shard may hold one item more than batch_size
+        return min(math.ceil(largest_shard / self.batch_size), smallest_shard)
 
     def shard(self) -> torch.Tensor:
         """This data group's indices for the current epoch."""

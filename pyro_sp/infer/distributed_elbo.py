@@ -240,6 +240,7 @@ class DistributedELBO:
         # a setup round (new parameters) rewinds the streams: the call's result is the
         # same as if the parameters had been synchronised beforehand
         rng_states = self._particle_rng.get_state(), self._subsample_rng.get_state()
+        local_state = self._local_state()
         for _ in range(_MAX_SETUP_ROUNDS):
             self._particle_rng.set_state(rng_states[0])
             self._subsample_rng.set_state(rng_states[1])
@@ -280,6 +281,7 @@ class DistributedELBO:
             if not fresh:
                 break
             self._broadcast_new([params[n] for n in fresh], model, guide)
+            self._restore_local_state(local_state)
             if stash is not None:
                 self._restore_grads(stash, params.values(), reduced=None)
         else:
@@ -326,6 +328,24 @@ class DistributedELBO:
         return t.item()
 
     # ---- parameter and gradient bookkeeping ----------------------------------------
+    def _local_state(self) -> dict[str, torch.Tensor] | None:
+        """Values of the per-rank parameters before a call (``None`` if the family has none)."""
+        if type(self)._is_local_param is DistributedELBO._is_local_param:
+            return None
+        store = pyro.get_param_store()
+        return {n: store[n].detach().clone() for n in store.keys() if self._is_local_param(n)}
+
+    def _restore_local_state(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Undo a setup round's updates of per-rank parameters, so the re-run starts where the call did."""
+        if state is None:
+            return
+        store = pyro.get_param_store()
+        for name in [n for n in store.keys() if self._is_local_param(n)]:
+            if name in state:
+                store[name] = state[name]
+            else:
+                del store[name]
+
     def _is_synced(self, t: torch.Tensor) -> bool:
         ref = self._synced.get(id(t))
         return ref is not None and ref() is t

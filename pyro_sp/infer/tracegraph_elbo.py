@@ -46,9 +46,9 @@ class DistributedTraceGraph_ELBO(_TraceGraphMixin, TraceGraph_ELBO):
 
     Decaying-average baselines (``__baseline_avg_downstream_cost_*`` params,
     whose shape includes the local particle count) are per-rank state: they
-    are excluded from parameter broadcast and gradient reduction. On the very
-    first call, when parameters are created and synchronised, the call runs
-    twice and these baselines are updated twice.
+    are excluded from parameter broadcast and gradient reduction, saved per
+    rank in checkpoints, and put back before the re-run of a call in which
+    parameters were first synchronised, so they are updated once per call.
     """
 
 
