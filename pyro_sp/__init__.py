@@ -23,7 +23,7 @@ from pyro_sp.infer import (
     DistributedTraceTailAdaptive_ELBO,
     DistributedTraceTMC_ELBO,
 )
-from pyro_sp.mesh import SPMesh, default_mesh, init_mesh, particle_share
+from pyro_sp.mesh import SPMesh, default_mesh, init_mesh, particle_share, share_counts
 from pyro_sp.rng import RNGStream
 
 __version__ = "0.1.0"
@@ -54,5 +54,6 @@ __all__ = [
     "poutine",
     "record_collectives",
     "save_checkpoint",
+    "share_counts",
     "uq",
 ]

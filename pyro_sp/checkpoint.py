@@ -113,7 +113,7 @@ def load_checkpoint(path: str, *, mesh: SPMesh, optim=None, elbo=None, rank_obje
     mine = state["ranks"][mesh.rank]
     values = dict(params["params"])
     values.update(mine.get("local_params", {}))  # this rank's own per-rank parameters
-    device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    device = mesh.device
     pyro.get_param_store().set_state(
         {
             "params": {n: v.detach().to(device).clone().requires_grad_() for n, v in values.items()},

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["SPMesh", "default_mesh", "init_mesh", "particle_share"]
+__all__ = ["SPMesh", "default_mesh", "init_mesh", "particle_share", "share_counts"]
 
 #: Default timeout of every collective: a rank that stops answering turns into
 #: an error on the others after this long instead of a hang.
@@ -138,6 +138,21 @@ class SPMesh:
         """This rank's particles ``[lo, hi)`` of ``num_particles`` (see :func:`particle_share`)."""
         return particle_share(num_particles, self.sample, self.sample_index)
 
+    @property
+    def device(self) -> torch.device:
+        """The device this rank's collectives run on: its CUDA device under NCCL, else the CPU."""
+        if self.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def shared_seed(self, seed: int | None = None) -> int:
+        """``seed``, or else rank 0's :func:`torch.initial_seed`, the same on every rank (collective)."""
+        if seed is not None or not self.is_distributed:
+            return torch.initial_seed() if seed is None else int(seed)
+        t = torch.tensor([torch.initial_seed() % (1 << 62)], dtype=torch.int64, device=self.device)
+        dist.broadcast(t, src=0)
+        return int(t.item())
+
     def data_shard(self) -> tuple[int, int]:
         """``(index, size)`` of this rank on the data axis: feed minibatch stream ``index`` of ``size``."""
         return self.data_index, self.data
@@ -179,6 +194,11 @@ class SPMesh:
             f"coords=(data={self.data_index}, sample={self.sample_index}), "
             f"device_type={self.device_type!r})"
         )
+
+
+def share_counts(total: int, parts: int) -> list[int]:
+    """How many of ``total`` items each of ``parts`` ranks holds (see :func:`particle_share`)."""
+    return [hi - lo for lo, hi in (particle_share(total, parts, i) for i in range(parts))]
 
 
 def default_mesh() -> SPMesh:

@@ -18,7 +18,7 @@ from pyro_sp.collectives import (
     layout_signature,
     step_check,
 )
-from pyro_sp.mesh import SPMesh, default_mesh, particle_share
+from pyro_sp.mesh import SPMesh, default_mesh, share_counts
 from pyro_sp.poutine import ShardParticlesMessenger
 from pyro_sp.rng import RNGStream, derive_seed
 
@@ -161,20 +161,10 @@ class DistributedELBO:
     def _world(self):
         return self.mesh.get_group("world")
 
-    @property
-    def _device(self) -> torch.device:
-        if self.mesh.device_type == "cuda":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
     def _setup_streams(self) -> None:
         if self._particle_rng is not None:
             return
-        seed = self.seed
-        if seed is None:
-            t = torch.tensor([torch.initial_seed() % (1 << 62)], dtype=torch.int64, device=self._device)
-            dist.broadcast(t, src=0, group=self._world)
-            seed = int(t.item())
+        seed = self.mesh.shared_seed(self.seed)
         self._particle_rng = RNGStream(derive_seed(seed, "particles", self.mesh.rank))
         self._subsample_rng = RNGStream(derive_seed(seed, "subsample", self.mesh.data_index))
 
@@ -271,7 +261,7 @@ class DistributedELBO:
                     layout_signature(layout),
                     error,
                     group=self._world,
-                    device=self._device,
+                    device=self.mesh.device,
                     describe=lambda: layout,
                 )
             except Exception:
@@ -311,19 +301,14 @@ class DistributedELBO:
         """All ``num_particles`` rows of a per-particle tensor, gathered over the sample axis."""
         if not self.mesh.is_distributed or self.mesh.sample == 1:
             return tensor
-        counts = [
-            hi - lo
-            for lo, hi in (
-                particle_share(self.num_particles, self.mesh.sample, i) for i in range(self.mesh.sample)
-            )
-        ]
+        counts = share_counts(self.num_particles, self.mesh.sample)
         return gather_rows([tensor], counts, group=self.mesh.get_group("sample"))[0]
 
     def _data_mean(self, group_loss: float) -> float:
         """Average a per-data-group loss (equal on the ranks of a sample group) over the data axis."""
         if self.mesh.data == 1:
             return group_loss
-        t = torch.tensor([group_loss / self.mesh.world_size], dtype=torch.float64, device=self._device)
+        t = torch.tensor([group_loss / self.mesh.world_size], dtype=torch.float64, device=self.mesh.device)
         dist.all_reduce(t, group=self._world)
         return t.item()
 

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from pyro.infer import Predictive
 
 from pyro_sp.collectives import gather_rows, layout_signature, step_check
-from pyro_sp.mesh import SPMesh, default_mesh, particle_share
+from pyro_sp.mesh import SPMesh, default_mesh, particle_share, share_counts
 from pyro_sp.rng import RNGStream, derive_seed
 
 __all__ = ["DistributedPredictive"]
@@ -102,14 +102,9 @@ class DistributedPredictive(torch.nn.Module):
             return self._local(0, self.num_samples)(*args, **kwargs)
         group = mesh.get_group(self.axis if self.axis == "sample" else "world")
         size, index = dist.get_world_size(group), dist.get_rank(group)
-        device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+        device = mesh.device
         if self._rng is None:
-            seed = self.seed
-            if seed is None:
-                t = torch.tensor([torch.initial_seed() % (1 << 62)], dtype=torch.int64, device=device)
-                dist.broadcast(t, src=0)
-                seed = int(t.item())
-            self._rng = RNGStream(derive_seed(seed, "predictive", mesh.rank))
+            self._rng = RNGStream(derive_seed(mesh.shared_seed(self.seed), "predictive", mesh.rank))
         lo, hi = particle_share(self.num_samples, size, index)
         samples, error = {}, None
         try:
@@ -128,7 +123,7 @@ class DistributedPredictive(torch.nn.Module):
             describe=lambda: layout,
             what="DistributedPredictive",
         )
-        counts = [b - a for a, b in (particle_share(self.num_samples, size, i) for i in range(size))]
+        counts = share_counts(self.num_samples, size)
         gathered = gather_rows(
             [samples[k] for k in keys], counts, group=group, dst=0 if self.gather == "rank0" else None
         )
