@@ -114,17 +114,19 @@ def single(args) -> dict:
 
 
 def scaling(args) -> dict:
-    """Sampling parallelism (all ranks on the sample axis), or with ``--data-parallel``
-    DDP-style data parallelism on the same global work: every rank all N particles
-    and ``1 / world`` of the batch."""
-    mesh = pyro_sp.init_mesh(sample=1) if args.data_parallel else pyro_sp.init_mesh()
+    """Sampling parallelism (all ranks on the sample axis); ``--sample S`` for a
+    hybrid grid of S x (world / S), where each data group takes its share of the
+    batch; ``--data-parallel`` (= ``--sample 1``): DDP-style data parallelism on
+    the same global work, every rank all N particles and 1 / world of the batch."""
+    sample = 1 if args.data_parallel else args.sample
+    mesh = pyro_sp.init_mesh(sample=sample)
     device = torch.device("cuda", torch.cuda.current_device())
     x, y = data(device)
-    if args.data_parallel:
+    if mesh.data > 1:
         x, y = x.tensor_split(mesh.data)[mesh.data_index], y.tensor_split(mesh.data)[mesh.data_index]
     pyro_model = bnn_model(SIZES)
     rows = []
-    configs = [("strong", n, n) for n in args.particles] + [("weak", p, p * mesh.world_size) for p in args.per_gpu]
+    configs = [("strong", n, n) for n in args.particles] + [("weak", p, p * mesh.sample) for p in args.per_gpu]
     for kind, label, total in configs:
         svi = make_svi(pyro_model, pyro_sp.DistributedTrace_ELBO(num_particles=total, mesh=mesh, seed=0))
         result = timed_steps(svi, x, y, args.warmup, args.steps)
@@ -133,7 +135,8 @@ def scaling(args) -> dict:
                 svi.step(x, y)
         count, nbytes, seconds = rec.total("all_reduce_gradients")
         row = {
-            "mode": "data_parallel" if args.data_parallel else "sample_parallel",
+            "mode": "sample_parallel" if mesh.data == 1 else ("data_parallel" if mesh.sample == 1 else "hybrid"),
+            "grid": f"{mesh.sample}x{mesh.data}",
             "batch_per_gpu": x.shape[0],
             "scaling": kind,
             "gpus": mesh.world_size,
@@ -159,6 +162,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--data-parallel", action="store_true", help="scaling: split the batch instead of the particles")
+    p.add_argument("--sample", type=int, default=None, help="scaling: sample axis size (default: all ranks)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     result = single(args) if args.suite == "single" else scaling(args)

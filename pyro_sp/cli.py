@@ -199,6 +199,8 @@ def _demo(a: argparse.Namespace) -> int:
         report.update(steps=result["step"], train_seconds=round(result["seconds"], 2), final_loss=result["loss"])
         with open(os.path.join(a.out, "report.json"), "w") as f:
             json.dump(report, f, indent=2)
+        if result["resumed_from"] is not None:
+            print(f"resumed from the checkpoint at step {result['resumed_from']}")
         print(
             f"test accuracy {report['accuracy']:.3f}  NLL {report['nll']:.3f}  ECE {report['ece']:.3f}  "
             f"Brier {report['brier']:.3f}  (epistemic {report['epistemic']:.3f}, aleatoric {report['aleatoric']:.3f} nats)"
