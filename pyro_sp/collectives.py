@@ -79,10 +79,6 @@ def _run(kind: str, fn: Callable, tensor: torch.Tensor, **kwargs) -> None:
     _RECORD.events.append((kind, tensor.numel() * tensor.element_size(), time.perf_counter() - start))
 
 
-def _group_size(group) -> int:
-    return dist.get_world_size(group)
-
-
 def _buckets(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
     """Indices of ``tensors`` grouped by (dtype, device), in the given order."""
     buckets: dict[tuple, list[int]] = {}
@@ -187,8 +183,7 @@ def gather_rows(
         cols = [tensors[i].reshape(counts[me], -1).to(transport) for i in idx]
         widths = [c.shape[1] for c in cols]
         flat = torch.zeros(rows, sum(widths), dtype=transport, device=device)
-        if counts[me]:
-            flat[: counts[me]] = torch.cat(cols, dim=1)
+        flat[: counts[me]] = torch.cat(cols, dim=1)
         if dst is None:
             parts = [torch.empty_like(flat) for _ in range(size)]
             _run("all_gather_rows", lambda t, **kw: dist.all_gather(parts, t, **kw), flat, group=group)
@@ -250,7 +245,7 @@ def step_check(
     t = torch.tensor([loss, s, s * s, float(error is not None)], dtype=torch.float64, device=device)
     _run("step_check", dist.all_reduce, t, group=group)
     total, s_sum, s2_sum, failures = t.tolist()
-    world = _group_size(group)
+    world = dist.get_world_size(group)
     if failures:
         messages: list = [None] * world
         mine = None if error is None else f"{type(error).__name__}: {error}"
