@@ -3,5 +3,6 @@
 
 from .bayesian_module import BayesianModule, last_layer
 from .likelihoods import categorical_likelihood, normal_likelihood
+from .mean_field import MeanFieldVI
 
-__all__ = ["BayesianModule", "categorical_likelihood", "last_layer", "normal_likelihood"]
+__all__ = ["BayesianModule", "MeanFieldVI", "categorical_likelihood", "last_layer", "normal_likelihood"]

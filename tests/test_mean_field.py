@@ -1,0 +1,304 @@
+# SPDX-License-Identifier: Apache-2.0
+"""MeanFieldVI, the fused step: with pinned noise it equals Pyro's
+Trace_ELBO / TraceMeanField_ELBO with an AutoNormal guide on the same
+BayesianModule model (float64, 1e-10), in one process, on 2 ranks, with
+uneven shares and on a 2 x 2 grid; with real noise its distributed estimate
+is unbiased for Pyro's; compiled equals eager; disagreements and failures
+stop every rank."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.distributions import constraints
+from pyro.infer.autoguide import AutoNormal
+from torch import nn
+
+import pyro_sp
+from pyro_sp.nn import BayesianModule, MeanFieldVI, categorical_likelihood, last_layer, normal_likelihood
+from tests.common import assert_close, pinned_noise
+
+NUM_DATA = 40
+BATCH = 8
+
+
+def _net(out: int = 3) -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, out))
+
+
+def _data(likelihood: str):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(BATCH, 4, generator=g)
+    if likelihood == "normal":
+        return x, torch.randn(BATCH, generator=g)
+    return x, torch.randint(0, 3, (BATCH,), generator=g)
+
+
+def _bnn(bayesian, likelihood: str) -> BayesianModule:
+    net = _net(1 if likelihood == "normal" else 3)
+    selected = last_layer(net) if bayesian == "last" else None
+    return BayesianModule(net, prior_scale="fan_in", bayesian=selected)
+
+
+def _pyro_model(bnn, likelihood: str):
+    if likelihood == "normal":
+        return lambda x, y: normal_likelihood(bnn(x), y, noise=0.5, num_data=NUM_DATA)
+    return lambda x, y: categorical_likelihood(bnn(x), y, num_data=NUM_DATA)
+
+
+def _mean_field_guide(bnn):
+    """A hand-written mean-field Normal guide (AutoNormal's parameter names): TraceMeanField_ELBO
+    uses the closed-form KL with it. (With AutoNormal it cannot: AutoNormal samples an auxiliary
+    site and returns a Delta, whose KL to the prior is a one-sample estimate.)"""
+    shapes = {n: p.shape for n, p in bnn.module.named_parameters()}
+
+    def guide(x, y):
+        for n in bnn.bayesian_names:
+            loc = pyro.param(f"AutoNormal.locs.{bnn.name}.{n}", lambda n=n: 0.3 * torch.randn(shapes[n]))
+            scale = pyro.param(
+                f"AutoNormal.scales.{bnn.name}.{n}", lambda n=n: torch.full(shapes[n], 0.05),
+                constraint=constraints.softplus_positive,
+            )
+            pyro.sample(f"{bnn.name}.{n}", dist.Normal(loc, scale).to_event(loc.dim()))
+
+    return guide
+
+
+def _reference(kl: str, likelihood: str, bayesian, num_particles: int, seed: int):
+    """Pyro's estimator, one process, all particles, the full batch: Trace_ELBO with AutoNormal
+    (kl="sample") or TraceMeanField_ELBO with a mean-field Normal guide (kl="analytic")."""
+    pyro.clear_param_store()
+    bnn = _bnn(bayesian, likelihood)
+    model = _pyro_model(bnn, likelihood)
+    x, y = _data(likelihood)
+    if kl == "analytic":
+        guide = _mean_field_guide(bnn)
+        elbo = TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=True)
+    else:
+        guide = AutoNormal(model, init_scale=0.05)
+        elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
+    elbo.loss(model, guide, x, y)  # creates the parameters
+    state = pyro.get_param_store().get_state()
+    torch.manual_seed(seed)
+    with pinned_noise(num_particles, 0, num_particles):
+        loss = elbo.loss_and_grads(model, guide, x, y)
+    grads = {n: p.grad.detach().clone() for n, p in pyro.get_param_store().named_parameters()}
+    return bnn, state, loss, grads
+
+
+def _noise(vi: MeanFieldVI, num_particles: int, seed: int, lo: int, hi: int):
+    torch.manual_seed(seed)
+    full = [torch.randn((num_particles,) + loc.shape) for loc in vi.posterior.locs]
+    return [e[lo:hi] for e in full]
+
+
+def _fused_grads(vi: MeanFieldVI, prefix: str = "AutoNormal") -> dict:
+    bayes, fixed = vi._store_names(prefix)
+    grads = {}
+    for (loc_name, scale_name), loc, rho in zip(bayes, vi.posterior.locs, vi.posterior.rhos):
+        grads[loc_name], grads[scale_name] = loc.grad.clone(), rho.grad.clone()
+    for name, p in zip(fixed, vi.posterior.fixed):
+        grads[name] = p.grad.clone()
+    return grads
+
+
+def exact_case(kl: str, likelihood: str, bayesian, num_particles: int, sample: int, data: int):
+    """Runs on every rank (or in the test process with sample = data = 1)."""
+    bnn, state, ref_loss, ref_grads = _reference(kl, likelihood, bayesian, num_particles, seed=5)
+    pyro.clear_param_store()
+    pyro.get_param_store().set_state(state)
+    mesh = pyro_sp.SPMesh(sample=sample, data=data)
+    vi = MeanFieldVI(
+        bnn, likelihood, num_particles=num_particles, num_data=NUM_DATA, noise_scale=0.5, kl=kl, mesh=mesh
+    )
+    vi.load_param_store()
+    x, y = _data(likelihood)
+    x, y = x.tensor_split(data)[mesh.data_index], y.tensor_split(data)[mesh.data_index]
+    lo, hi = mesh.particle_share(num_particles)
+    out = {"ref_loss": ref_loss, "ref_grads": ref_grads}
+    optim = torch.optim.SGD(vi.parameters(), lr=0.0)  # lr 0: parameters stay, gradients are zeroed
+    for round_ in ("first", "second"):  # the first step validates, the second reduces asynchronously
+        loss = vi.step(optim, x, y, noise=_noise(vi, num_particles, 5, lo, hi))
+        out[round_] = (float(loss), _fused_grads(vi))
+    return out
+
+
+def _check(result):
+    assert result["ref_grads"]
+    for round_ in ("first", "second"):
+        loss, grads = result[round_]
+        assert_close(loss, result["ref_loss"], msg=f"{round_} loss")
+        assert set(grads) == set(result["ref_grads"])
+        for name, ref in result["ref_grads"].items():
+            assert_close(grads[name], ref, msg=f"{round_} gradient of {name}")
+
+
+@pytest.mark.parametrize("kl", ["analytic", "sample"])
+@pytest.mark.parametrize("likelihood", ["categorical", "normal"])
+@pytest.mark.parametrize("bayesian", ["all", "last"])
+def test_single_process_equals_pyro(kl, likelihood, bayesian):
+    torch.set_default_dtype(torch.float64)
+    _check(exact_case(kl, likelihood, bayesian, 6, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "kl, likelihood, bayesian, num_particles, sample, data",
+    [
+        ("analytic", "categorical", "all", 6, 2, 1),
+        ("sample", "categorical", "last", 5, 2, 1),  # uneven shares: 3 + 2
+        ("sample", "normal", "all", 7, 3, 1),  # 3 + 2 + 2
+        ("analytic", "categorical", "last", 5, 2, 2),  # a 2 x 2 grid
+        ("sample", "normal", "all", 4, 1, 2),  # data parallel only
+    ],
+)
+def test_distributed_equals_pyro(pools, kl, likelihood, bayesian, num_particles, sample, data):
+    for result in pools(sample * data).run(exact_case, kl, likelihood, bayesian, num_particles, sample, data):
+        _check(result)
+
+
+def compiled_case():
+    torch.manual_seed(0)
+    bnn = _bnn("all", "categorical")
+    x, y = _data("categorical")
+    results = []
+    for compile_ in (False, True):
+        vi = MeanFieldVI(bnn, num_particles=4, num_data=NUM_DATA, kl="sample", compile=compile_)
+        optim = torch.optim.SGD(vi.parameters(), lr=0.0)
+        loss = vi.step(optim, x, y, noise=_noise(vi, 4, 3, 0, 4))
+        results.append((float(loss), [p.grad.clone() for p in vi.parameters() if p.requires_grad]))
+    return results
+
+
+def test_compiled_equals_eager():
+    torch.set_default_dtype(torch.float64)
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = compiled_case()
+    assert_close(compiled_loss, eager_loss, msg="loss")
+    for a, b in zip(compiled_grads, eager_grads):
+        assert_close(a, b, msg="gradient")
+
+
+def unbiased_case(num_draws: int):
+    """Real noise: the mean of the distributed estimate over many draws against Pyro's."""
+    mesh = pyro_sp.default_mesh()
+    bnn, state, _, _ = _reference("sample", "categorical", "all", 4, seed=0)
+    model = _pyro_model(bnn, "categorical")
+    x, y = _data("categorical")
+    guide = AutoNormal(model, init_scale=0.05)
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True)
+    torch.manual_seed(mesh.rank + 11)  # the reference's draws differ on each rank: it runs alone
+    pyro_losses = torch.tensor([elbo.loss(model, guide, x, y) for _ in range(num_draws)])
+    vi = MeanFieldVI(bnn, num_particles=4, num_data=NUM_DATA, kl="sample", mesh=mesh, seed=3)
+    vi.load_param_store()
+    ours = torch.tensor([vi.loss(x, y) for _ in range(num_draws)])
+    return pyro_losses, ours
+
+
+def test_unbiased_on_two_ranks(pools):
+    results = pools(2).run(unbiased_case, 400)
+    ours = results[0][1]
+    assert torch.equal(ours, results[1][1]), "the ranks disagree on the reduced loss"
+    pyro_losses = torch.cat([r[0] for r in results])
+    se = (pyro_losses.var() / len(pyro_losses) + ours.var() / len(ours)).sqrt()
+    assert abs(ours.mean() - pyro_losses.mean()) < 4 * se
+    # four particles from two independent streams: the variance is the one of 4, not of 2
+    ratio = ours.var() / pyro_losses.var()
+    assert 0.7 < ratio < 1.4, ratio
+
+
+def training_case(steps: int):
+    mesh = pyro_sp.default_mesh()
+    torch.manual_seed(0)
+    bnn = _bnn("all", "categorical")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 4, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    x, y = x.tensor_split(mesh.data)[mesh.data_index], y.tensor_split(mesh.data)[mesh.data_index]
+    vi = MeanFieldVI(bnn, num_particles=8, num_data=64, mesh=mesh, seed=0)
+    optim = torch.optim.Adam(vi.parameters(), lr=0.05)
+    losses = [float(vi.step(optim, x, y)) for _ in range(steps)]
+    probs = vi.predict(x, 16).softmax(-1).mean(0)
+    accuracy = float((probs.argmax(-1) == y).double().mean())
+    return losses, accuracy, [p.detach().clone() for p in vi.parameters()]
+
+
+def test_training_keeps_ranks_identical(pools):
+    results = pools(4).run(training_case, 60)
+    for losses, accuracy, params in results:
+        assert losses[-1] < 0.5 * losses[0]
+        assert accuracy > 0.8
+        for a, b in zip(params, results[0][2]):
+            assert torch.equal(a, b), "parameters differ across ranks"
+
+
+def disagree_case():
+    mesh = pyro_sp.default_mesh()
+    MeanFieldVI(_bnn("all", "categorical"), num_particles=4 + mesh.rank, mesh=mesh)
+
+
+def failing_step_case():
+    mesh = pyro_sp.default_mesh()
+    vi = MeanFieldVI(_bnn("all", "categorical"), num_particles=4, mesh=mesh)
+    x, y = _data("categorical")
+    if mesh.rank == 1:
+        x = x[:, :3]  # a wrong input on one rank only
+    vi.step(torch.optim.SGD(vi.parameters(), lr=0.1), x, y)
+
+
+def test_disagreement_and_failure_stop_every_rank(pools):
+    errors = pools(2).run_expecting_errors(disagree_case)
+    assert set(errors) == {0, 1}
+    assert all(e[0] == "ValueError" for e in errors.values())
+    errors = pools(2).run_expecting_errors(failing_step_case)
+    assert set(errors) == {0, 1}
+    assert all(e[0] == "RuntimeError" and "rank 1" in e[1] for e in errors.values()), errors
+
+
+def test_argument_errors():
+    bnn = _bnn("all", "categorical")
+    with pytest.raises(ValueError, match="num_particles"):
+        MeanFieldVI(bnn, num_particles=0)
+    with pytest.raises(ValueError, match="kl"):
+        MeanFieldVI(bnn, num_particles=2, kl="exact")
+    with pytest.raises(ValueError, match="likelihood"):
+        MeanFieldVI(bnn, "poisson", num_particles=2)
+    with pytest.raises(TypeError, match="BayesianModule"):
+        MeanFieldVI(_net(), num_particles=2)
+
+    class StudentPrior(BayesianModule):
+        def prior(self, name):
+            return super().prior(name)
+
+    with pytest.raises(ValueError, match="prior"):
+        MeanFieldVI(StudentPrior(_net()), num_particles=2)
+    vi = MeanFieldVI(bnn, num_particles=2, kl="sample")
+    x, y = _data("categorical")
+    with pytest.raises(ValueError, match="logits of shape"):
+        MeanFieldVI(BayesianModule(nn.Linear(4, 3)), num_particles=2).loss(x[0], y[:1])
+    with pytest.raises(KeyError, match="param store"):
+        vi.load_param_store()
+
+
+def test_param_store_round_trip():
+    torch.set_default_dtype(torch.float64)
+    bnn = _bnn("last", "categorical")
+    vi = MeanFieldVI(bnn, num_particles=2, init_scale=0.2)
+    with torch.no_grad():
+        for p in vi.parameters():
+            p.add_(torch.randn_like(p))
+    vi.to_param_store()
+    other = MeanFieldVI(bnn, num_particles=2)
+    other.load_param_store()
+    for a, b in zip(vi.parameters(), other.parameters()):
+        assert_close(a, b)
+    # the store now drives Pyro's AutoNormal guide of the same model
+    model = _pyro_model(bnn, "categorical")
+    guide = AutoNormal(model)
+    x, y = _data("categorical")
+    guide(x, y)
+    medians = guide.median(x, y)
+    assert_close(medians["net.2.weight"], vi.posterior.locs[0])
+    assert_close(guide._get_loc_and_scale("net.2.bias")[1], torch.nn.functional.softplus(vi.posterior.rhos[1]))
