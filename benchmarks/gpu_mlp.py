@@ -149,9 +149,10 @@ def scaling(args) -> dict:
         rows.append(row)
         if mesh.rank == 0:
             print(json.dumps(row), flush=True)
+    rank = mesh.rank  # read before the group is gone: afterwards every process reads 0
     if mesh.is_distributed:
         torch.distributed.destroy_process_group()
-    return {"suite": "scaling", "device": torch.cuda.get_device_name(), "rows": rows} if mesh.rank == 0 else {}
+    return {"suite": "scaling", "device": torch.cuda.get_device_name(), "rows": rows} if rank == 0 else {}
 
 
 def main():

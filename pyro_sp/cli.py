@@ -7,6 +7,8 @@
                   NLL and ECE and writes a reliability diagram and an
                   uncertainty figure.
 ``pyro-sp info``  versions, backends, devices, and the mesh under torchrun.
+``pyro-sp bench`` runs a named benchmark suite and prints a table
+                  (``pyro-sp bench --help`` lists the suites).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=300.0, help="seconds before a stuck collective fails")
     demo.add_argument("--predictive-samples", type=int, default=64)
     sub.add_parser("info", help="versions, backends, devices and mesh")
+    sub.add_parser("bench", help="run a benchmark suite and print a table (pyro-sp bench --help)", add_help=False)
     return p
 
 
@@ -236,6 +239,10 @@ def _info() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from pyro_sp.bench import main as bench
+
+        return bench(argv[1:])
     parser = _parser()
     a = parser.parse_args(argv)
     if a.command == "info":

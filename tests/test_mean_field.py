@@ -106,14 +106,15 @@ def _fused_grads(vi: MeanFieldVI, prefix: str = "AutoNormal") -> dict:
     return grads
 
 
-def exact_case(kl: str, likelihood: str, bayesian, num_particles: int, sample: int, data: int):
+def exact_case(kl: str, likelihood: str, bayesian, num_particles: int, sample: int, data: int, compile=False):
     """Runs on every rank (or in the test process with sample = data = 1)."""
     bnn, state, ref_loss, ref_grads = _reference(kl, likelihood, bayesian, num_particles, seed=5)
     pyro.clear_param_store()
     pyro.get_param_store().set_state(state)
     mesh = pyro_sp.SPMesh(sample=sample, data=data)
     vi = MeanFieldVI(
-        bnn, likelihood, num_particles=num_particles, num_data=NUM_DATA, noise_scale=0.5, kl=kl, mesh=mesh
+        bnn, likelihood, num_particles=num_particles, num_data=NUM_DATA, noise_scale=0.5, kl=kl, mesh=mesh,
+        compile=compile,
     )
     vi.load_param_store()
     x, y = _data(likelihood)
@@ -157,6 +158,12 @@ def test_single_process_equals_pyro(kl, likelihood, bayesian):
 )
 def test_distributed_equals_pyro(pools, kl, likelihood, bayesian, num_particles, sample, data):
     for result in pools(sample * data).run(exact_case, kl, likelihood, bayesian, num_particles, sample, data):
+        _check(result)
+
+
+def test_compiled_distributed_equals_pyro(pools):
+    """torch.compile of the DDP-wrapped step (graph split at the gradient buckets), 2 ranks, uneven shares."""
+    for result in pools(2).run(exact_case, "sample", "categorical", "all", 5, 2, 1, compile=True):
         _check(result)
 
 

@@ -34,6 +34,17 @@ def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
+def ddp_without_buffer_sync() -> dict:
+    """DDP keyword arguments that turn off the per-forward buffer broadcast (named
+    ``forward_sync_buffers`` in recent PyTorch, ``broadcast_buffers`` before)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 def _sum_hook(group, bucket):
     """DDP communication hook: the SUM of the ranks' gradients, not their mean."""
     work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
@@ -294,7 +305,7 @@ class MeanFieldVI(torch.nn.Module):
                 self._ddp = DistributedDataParallel(
                     module,
                     device_ids=[device] if device.type == "cuda" else None,
-                    broadcast_buffers=False,
+                    **ddp_without_buffer_sync(),
                     bucket_cap_mb=self.bucket_cap_mb,
                     gradient_as_bucket_view=True,
                 )
@@ -353,7 +364,7 @@ class MeanFieldVI(torch.nn.Module):
         total = local.detach().clone() if local is not None else None
         if validate and self._group is not None:
             value = step_check(
-                0.0 if local is None else float(local), 0, error, group=self._group,
+                0.0 if local is None else float(local.detach()), 0, error, group=self._group,
                 device=self.mesh.device, what="MeanFieldVI's step",
             )
             total = torch.tensor(value, dtype=local.dtype, device=local.device)

@@ -1,0 +1,248 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Step time and peak memory of Bayesian networks on one device (``single``),
+under torchrun with one process per GPU (``scaling``), and the largest number
+of particles that fits (``memory``). Not a test: writes JSON.
+
+Networks (:mod:`pyro_sp.bench.models`): ``mlp`` (3072-2048-2048-10, batch
+256) and ``vit`` (ViT-small for CIFAR-10 shapes, batch 128), every parameter
+Bayesian with a mean-field Normal guide, synthetic data.
+
+Variants, all the same estimator (``Trace_ELBO``: one-sample KL, vectorized particles):
+
+``pyro``            Pyro's ``Trace_ELBO`` + ``AutoNormal`` on the model
+                    ``categorical_likelihood(BayesianModule(net)(x), y)``;
+``pyro_sp``         ``DistributedTrace_ELBO`` on the same model and guide;
+``fused_eager``     :class:`pyro_sp.nn.MeanFieldVI` (``kl="sample"``) without compilation;
+``fused``           the same, ``torch.compile``\\ d;
+``fused_analytic``  compiled, closed-form KL (``kl="analytic"``: a lower-variance estimator).
+
+Examples::
+
+    pyro-sp bench gpu-single --model mlp --particles 8 32 64 --out single.json
+    torchrun --nproc-per-node 2 -m pyro_sp.bench.gpu scaling --model vit --per-gpu 8 --particles 64
+    pyro-sp bench gpu-memory --model mlp --variants fused pyro_sp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+
+import pyro_sp
+from pyro_sp.bench.models import MLP_BATCH, MLP_SIZES, VIT_BATCH, ViTSmall, mlp, synthetic_data
+from pyro_sp.nn import BayesianModule, MeanFieldVI, categorical_likelihood
+
+VARIANTS = ("pyro", "pyro_sp", "fused_eager", "fused", "fused_analytic")
+
+
+def problem(model: str, tiny: bool, device, batch: int | None = None):
+    """``(network, x, y)`` for ``model`` in ``("mlp", "vit")``."""
+    torch.manual_seed(0)
+    if model == "mlp":
+        sizes = (64, 32, 32, 10) if tiny else MLP_SIZES
+        net, shape, b = mlp(sizes), (sizes[0],), (16 if tiny else MLP_BATCH)
+    elif model == "vit":
+        net = ViTSmall(image=8, dim=16, depth=1, heads=2, hidden=32) if tiny else ViTSmall()
+        shape, b = ((3, 8, 8) if tiny else (3, 32, 32)), (4 if tiny else VIT_BATCH)
+    else:
+        raise ValueError(f"Expected model 'mlp' or 'vit', got {model!r}.")
+    x, y = synthetic_data(shape, 10, batch or b, device)
+    return net.to(device), x, y
+
+
+def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
+    """A function that runs one optimisation step of ``variant``."""
+    bnn = BayesianModule(net, prior_scale="fan_in")
+    if variant in ("pyro", "pyro_sp"):
+        pyro.clear_param_store()
+
+        def model(x, y):
+            return categorical_likelihood(bnn(x), y)
+
+        guide = AutoNormal(model, init_scale=0.01)
+        if variant == "pyro":
+            loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
+        else:
+            loss = pyro_sp.DistributedTrace_ELBO(num_particles=num_particles, mesh=mesh, seed=0)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=loss)
+        return lambda: svi.step(x, y)
+    if variant not in VARIANTS:
+        raise ValueError(f"Expected a variant in {VARIANTS}, got {variant!r}.")
+    vi = MeanFieldVI(
+        bnn, num_particles=num_particles, mesh=mesh, seed=0, init_scale=0.01,
+        kl="analytic" if variant == "fused_analytic" else "sample",
+        compile=variant != "fused_eager",
+    ).to(x.device)
+    optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=1e-3)
+    return lambda: vi.step(optim, x, y)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, device, warmup: int, steps: int) -> dict:
+    """Median step time (ms) after ``warmup`` steps, peak memory (GiB, CUDA only) over the timed steps."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    out = {"step_ms_median": 1e3 * statistics.median(times)}
+    if device.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def _attempt(variant, net, x, y, n, device, warmup, steps, mesh=None) -> dict | str:
+    try:
+        return timed(make_step(variant, net, x, y, n, mesh), device, warmup, steps)
+    except torch.OutOfMemoryError:
+        return "out of memory"
+    finally:
+        pyro.clear_param_store()
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _device(name: str):
+    if name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def single(args) -> dict:
+    device = _device(args.device)
+    net, x, y = problem(args.model, args.tiny, device)
+    rows = []
+    for n in args.particles:
+        row = {"particles": n}
+        for variant in args.variants:
+            row[variant] = _attempt(variant, net, x, y, n, device, args.warmup, args.steps)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"suite": "gpu-single", "model": args.model, "rows": rows}
+
+
+def memory(args) -> dict:
+    """The largest N that fits (doubling, then bisection to ``--resolution``), per variant."""
+    device = _device(args.device)
+    net, x, y = problem(args.model, args.tiny, device)
+    if device.type != "cuda":
+        raise SystemExit("The memory suite needs a CUDA device (--device cuda).")
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    out = {"suite": "gpu-memory", "model": args.model, "device_memory_gib": total, "variants": {}}
+    for variant in args.variants:
+        probes, fits, fails = {}, 0, None
+        n = args.start
+        while fails is None and n <= args.max_particles:
+            r = probes[n] = _attempt(variant, net, x, y, n, device, 1, 1)
+            if r == "out of memory":
+                fails = n
+            else:
+                fits, n = n, n * 2
+        while fails is not None and fails - fits > max(1, int(args.resolution * fits)):
+            n = (fits + fails) // 2
+            r = probes[n] = _attempt(variant, net, x, y, n, device, 1, 1)
+            fits, fails = (n, fails) if r != "out of memory" else (fits, n)
+        out["variants"][variant] = {
+            "largest_fitting": fits,
+            "smallest_failing": fails,
+            "probes": {str(k): v for k, v in sorted(probes.items())},
+        }
+        print(json.dumps({variant: out["variants"][variant]}), flush=True)
+    return out
+
+
+def scaling(args) -> dict:
+    """Under torchrun: strong (``--particles``, global) and weak (``--per-gpu``) scaling."""
+    sample = 1 if args.data_parallel else args.sample
+    mesh = pyro_sp.init_mesh(sample=sample)
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    net, x, y = problem(args.model, args.tiny, device)
+    if mesh.data > 1:
+        x, y = x.tensor_split(mesh.data)[mesh.data_index], y.tensor_split(mesh.data)[mesh.data_index]
+    configs = [("strong", n) for n in args.particles] + [("weak", p * mesh.sample) for p in args.per_gpu]
+    rows = []
+    for kind, total in configs:
+        for variant in args.variants:
+            result = _attempt(variant, net, x, y, total, device, args.warmup, args.steps, mesh)
+            row = {
+                "variant": variant,
+                "grid": f"{mesh.sample}x{mesh.data}",
+                "gpus": mesh.world_size,
+                "scaling": kind,
+                "particles_total": total,
+                "particles_per_gpu": total / mesh.sample,
+                "batch_per_gpu": x.shape[0],
+                "result": result,
+            }
+            rows.append(row)
+            if mesh.rank == 0:
+                print(json.dumps(row), flush=True)
+    rank = mesh.rank  # read before the group is gone: afterwards every process reads 0
+    if mesh.is_distributed:
+        torch.distributed.destroy_process_group()
+    return {"suite": "gpu-scaling", "model": args.model, "rows": rows} if rank == 0 else {}
+
+
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suite", choices=("single", "scaling", "memory"))
+    p.add_argument("--model", choices=("mlp", "vit"), default="mlp")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
+    p.add_argument("--particles", type=int, nargs="*", default=None, help="global N (single, strong scaling)")
+    p.add_argument("--per-gpu", type=int, nargs="*", default=[], help="scaling: particles per GPU (weak)")
+    p.add_argument("--sample", type=int, default=None, help="scaling: sample axis size (default: all ranks)")
+    p.add_argument("--data-parallel", action="store_true", help="scaling: --sample 1")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--start", type=int, default=8, help="memory: first N")
+    p.add_argument("--max-particles", type=int, default=4096, help="memory: stop doubling here")
+    p.add_argument("--resolution", type=float, default=0.1, help="memory: bisect to this relative gap")
+    p.add_argument("--tiny", action="store_true", help="tiny networks and few steps (a smoke run)")
+    p.add_argument("--out", default=None, help="JSON file (rank 0)")
+    return p
+
+
+def run(argv=None, prog: str | None = None) -> dict:
+    args = parser(prog).parse_args(argv)
+    if args.variants is None:
+        args.variants = ["fused", "pyro_sp"] if args.suite != "single" else list(VARIANTS)
+    if args.particles is None:
+        args.particles = [8, 32, 64] if args.suite != "scaling" else []
+    if args.tiny:
+        args.warmup, args.steps = 1, 2
+    result = {"single": single, "scaling": scaling, "memory": memory}[args.suite](args)
+    if result:
+        result["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        result["versions"] = {"torch": torch.__version__, "pyro": pyro.__version__, "pyro_sp": pyro_sp.__version__}
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    run()
