@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU measurements of BENCHMARKS.md ("Fused step" sections), one phase per call:
+#   bash benchmarks/gpu_round.sh single   # 2 GPUs used as two single-GPU benches: MLP on GPU 0, ViT on GPU 1
+#   bash benchmarks/gpu_round.sh scaling  # 1 and 2 GPUs: MeanFieldVI sample- vs data-parallel, torch_blue + DDP
+#   bash benchmarks/gpu_round.sh memory   # the largest N on one GPU
+# Needs the wheels of pyro-ppl, pyro-api and torch-blue in .whl/ on a machine without internet.
+# Results (JSON lines and JSON) go to $OUT (default ./bench-out).
+set -uo pipefail
+OUT=${OUT:-bench-out}
+mkdir -p "$OUT/r"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export PYTHONWARNINGS=ignore
+R=$OUT/r
+bench() { python3 -m pyro_sp.cli bench "$@"; }
+case "$1" in
+single)
+  nvidia-smi --query-gpu=name,memory.total --format=csv > "$R/gpus.csv"
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 300 bench gpu-single --model mlp --particles 8 32 64 --variants pyro pyro_sp fused fused_analytic --out $R/mlp_single.json
+   timeout 100 python3 benchmarks/torch_blue_bench.py single --model mlp --particles 8 32 64 --out $R/mlp_torch_blue.json
+   timeout 60 python3 benchmarks/gpu_peers.py torch --particles 8 32 64 --out $R/mlp_raw_torch.json
+   timeout 90 python3 benchmarks/gpu_peers.py numpyro --particles 8 32 64 --out $R/mlp_numpyro.json
+  ) > "$R/gpu0.log" 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout 330 bench gpu-single --model vit --particles 8 32 64 --variants pyro fused --out $R/vit_single.json
+   timeout 90 python3 benchmarks/torch_blue_bench.py single --model vit --particles 8 32 64 --out $R/vit_torch_blue.json
+   timeout 130 python3 benchmarks/numpyro_vit.py --particles 8 32 64 --out $R/vit_numpyro.json
+  ) > "$R/gpu1.log" 2>&1 &
+  wait ;;
+scaling)
+  for m in mlp vit; do
+    pg="--per-gpu 8 32"; [ $m = vit ] && pg="--per-gpu 8"
+    timeout 150 bench gpu-scaling --nproc 1 --model $m --particles 64 $pg --variants fused --out $R/${m}_fused_1gpu.json
+    timeout 150 bench gpu-scaling --nproc 2 --model $m --particles 64 $pg --variants fused --out $R/${m}_fused_2gpu.json
+    timeout 90 bench gpu-scaling --nproc 2 --model $m --particles 64 --data-parallel --variants fused --out $R/${m}_fused_2gpu_data.json
+  done > "$R/scaling.log" 2>&1
+  (timeout 100 python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/torch_blue_bench.py paper --model mlp --per-gpu 8 32 --out $R/mlp_torch_blue_paper.json
+   timeout 100 python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/torch_blue_bench.py paper --model vit --per-gpu 8 --out $R/vit_torch_blue_paper.json
+  ) > "$R/paper.log" 2>&1 ;;
+memory)
+  (export CUDA_VISIBLE_DEVICES=0; timeout 500 bench gpu-memory --model mlp --variants fused pyro_sp --resolution 0.25 --out $R/mlp_memory.json) > "$R/mem0.log" 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1; timeout 500 bench gpu-memory --model vit --variants fused pyro --resolution 0.25 --out $R/vit_memory.json) > "$R/mem1.log" 2>&1 &
+  wait ;;
+esac
+tar czf "$OUT/results_$1.tar.gz" -C "$R" .
