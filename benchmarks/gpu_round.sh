@@ -17,18 +17,30 @@ fi
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PYTHONWARNINGS=ignore
 R=$OUT/r
-bench() { python3 -m pyro_sp.cli bench "$@"; }
+BENCH="python3 -m pyro_sp.cli bench"
 case "$1" in
+ours)  # the pyro_sp rows of "single", with the fp32/TF32 peers they are compared with
+  (export CUDA_VISIBLE_DEVICES=0
+   timeout 200 $BENCH gpu-single --model mlp --particles 8 32 64 --variants pyro fused fused_analytic --out $R/mlp_single.json
+   timeout 100 $BENCH gpu-single --model mlp --particles 8 32 64 --variants fused fused_analytic --tf32 --out $R/mlp_single_tf32.json
+   timeout 60 python3 benchmarks/gpu_peers.py torch --particles 8 32 64 --out $R/mlp_raw_torch.json
+   JAX_DEFAULT_MATMUL_PRECISION=highest timeout 90 python3 benchmarks/gpu_peers.py numpyro --particles 8 32 64 --out $R/mlp_numpyro_fp32.json
+  ) > "$R/gpu0.log" 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1
+   timeout 300 $BENCH gpu-single --model vit --particles 8 32 64 --variants pyro fused --out $R/vit_single.json
+   timeout 150 $BENCH gpu-single --model vit --particles 8 32 64 --variants fused --tf32 --out $R/vit_single_tf32.json
+  ) > "$R/gpu1.log" 2>&1 &
+  wait ;;
 single)
   nvidia-smi --query-gpu=name,memory.total --format=csv > "$R/gpus.csv"
   (export CUDA_VISIBLE_DEVICES=0
-   timeout 300 bench gpu-single --model mlp --particles 8 32 64 --variants pyro pyro_sp fused fused_analytic --out $R/mlp_single.json
+   timeout 300 $BENCH gpu-single --model mlp --particles 8 32 64 --variants pyro pyro_sp fused fused_analytic --out $R/mlp_single.json
    timeout 100 python3 benchmarks/torch_blue_bench.py single --model mlp --particles 8 32 64 --out $R/mlp_torch_blue.json
    timeout 60 python3 benchmarks/gpu_peers.py torch --particles 8 32 64 --out $R/mlp_raw_torch.json
    timeout 90 python3 benchmarks/gpu_peers.py numpyro --particles 8 32 64 --out $R/mlp_numpyro.json
   ) > "$R/gpu0.log" 2>&1 &
   (export CUDA_VISIBLE_DEVICES=1
-   timeout 330 bench gpu-single --model vit --particles 8 32 64 --variants pyro fused --out $R/vit_single.json
+   timeout 330 $BENCH gpu-single --model vit --particles 8 32 64 --variants pyro fused --out $R/vit_single.json
    timeout 90 python3 benchmarks/torch_blue_bench.py single --model vit --particles 8 32 64 --out $R/vit_torch_blue.json
    timeout 130 python3 benchmarks/numpyro_vit.py --particles 8 32 64 --out $R/vit_numpyro.json
   ) > "$R/gpu1.log" 2>&1 &
@@ -36,16 +48,16 @@ single)
 scaling)
   for m in mlp vit; do
     pg="--per-gpu 8 32"; [ $m = vit ] && pg="--per-gpu 8"
-    timeout 150 bench gpu-scaling --nproc 1 --model $m --particles 64 $pg --variants fused --out $R/${m}_fused_1gpu.json
-    timeout 150 bench gpu-scaling --nproc 2 --model $m --particles 64 $pg --variants fused --out $R/${m}_fused_2gpu.json
-    timeout 90 bench gpu-scaling --nproc 2 --model $m --particles 64 --data-parallel --variants fused --out $R/${m}_fused_2gpu_data.json
+    timeout 150 $BENCH gpu-scaling --nproc 1 --model $m --particles 64 $pg --variants fused --out $R/${m}_fused_1gpu.json
+    timeout 150 $BENCH gpu-scaling --nproc 2 --model $m --particles 64 $pg --variants fused --out $R/${m}_fused_2gpu.json
+    timeout 90 $BENCH gpu-scaling --nproc 2 --model $m --particles 64 --data-parallel --variants fused --out $R/${m}_fused_2gpu_data.json
   done > "$R/scaling.log" 2>&1
   (timeout 100 python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/torch_blue_bench.py paper --model mlp --per-gpu 8 32 --out $R/mlp_torch_blue_paper.json
    timeout 100 python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/torch_blue_bench.py paper --model vit --per-gpu 8 --out $R/vit_torch_blue_paper.json
   ) > "$R/paper.log" 2>&1 ;;
 memory)
-  (export CUDA_VISIBLE_DEVICES=0; timeout 500 bench gpu-memory --model mlp --variants fused pyro_sp --resolution 0.25 --out $R/mlp_memory.json) > "$R/mem0.log" 2>&1 &
-  (export CUDA_VISIBLE_DEVICES=1; timeout 500 bench gpu-memory --model vit --variants fused pyro --resolution 0.25 --out $R/vit_memory.json) > "$R/mem1.log" 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=0; timeout 500 $BENCH gpu-memory --model mlp --variants fused pyro_sp --resolution 0.25 --out $R/mlp_memory.json) > "$R/mem0.log" 2>&1 &
+  (export CUDA_VISIBLE_DEVICES=1; timeout 500 $BENCH gpu-memory --model vit --variants fused pyro --resolution 0.25 --out $R/vit_memory.json) > "$R/mem1.log" 2>&1 &
   wait ;;
 esac
 tar czf "$OUT/results_$1.tar.gz" -C "$R" .

@@ -220,6 +220,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=8, help="memory: first N")
     p.add_argument("--max-particles", type=int, default=4096, help="memory: stop doubling here")
     p.add_argument("--resolution", type=float, default=0.1, help="memory: bisect to this relative gap")
+    p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions (default: full fp32)")
     p.add_argument("--tiny", action="store_true", help="tiny networks and few steps (a smoke run)")
     p.add_argument("--out", default=None, help="JSON file (rank 0)")
     return p
@@ -233,9 +234,11 @@ def run(argv=None, prog: str | None = None) -> dict:
         args.particles = [8, 32, 64] if args.suite != "scaling" else []
     if args.tiny:
         args.warmup, args.steps = 1, 2
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     result = {"single": single, "scaling": scaling, "memory": memory}[args.suite](args)
     if result:
         result["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        result["tf32"] = args.tf32
         result["versions"] = {"torch": torch.__version__, "pyro": pyro.__version__, "pyro_sp": pyro_sp.__version__}
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

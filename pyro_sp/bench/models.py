@@ -13,7 +13,7 @@ prior of scale ``1/sqrt(fan_in)`` for weights and 1 for biases and norms).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import torch.nn.functional as F  # noqa: F401
 from torch import nn
 
 __all__ = ["MLP_SIZES", "MLP_BATCH", "VIT_BATCH", "ViTSmall", "mlp", "synthetic_data"]
@@ -49,7 +49,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v)
+        # explicit softmax attention: the fused SDPA kernels' backward fails under vmap on CUDA
+        # (torch 2.11: "LSE is not correctly aligned"); this is also what the NumPyro peer computes
+        a = torch.softmax((q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5), dim=-1) @ v
         x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 

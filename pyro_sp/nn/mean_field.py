@@ -77,9 +77,10 @@ class _Posterior(torch.nn.Module):
             self.fixed.append(torch.nn.Parameter(named[n].detach().clone()))
         self.prior_scales = [bnn.prior_scales[n] for n in self.names]
 
-    def sample(self, num: int, noise: list[torch.Tensor] | None) -> list[torch.Tensor]:
-        """``num`` draws of every Bayesian tensor, ``loc + eps * softplus(rho)`` (as Pyro's ``Normal.rsample``)."""
-        values = []
+    def sample(self, num: int, noise: list[torch.Tensor] | None) -> tuple[list, list]:
+        """``num`` draws of every Bayesian tensor, ``loc + eps * softplus(rho)`` (as Pyro's
+        ``Normal.rsample``), and the standard-normal ``eps`` behind them."""
+        values, noises = [], []
         for i, (loc, rho) in enumerate(zip(self.locs, self.rhos)):
             eps = (
                 torch.randn((num,) + loc.shape, dtype=loc.dtype, device=loc.device)
@@ -87,7 +88,8 @@ class _Posterior(torch.nn.Module):
                 else noise[i]
             )
             values.append(loc + eps * F.softplus(rho))
-        return values
+            noises.append(eps)
+        return values, noises
 
     def outputs(self, values: list[torch.Tensor], args, kwargs):
         bnn = self.bnn
@@ -102,7 +104,7 @@ class _Posterior(torch.nn.Module):
         )
 
     def forward(self, x, y, num: int, weight: float, ll_scale: float, kl: str, loglik, noise=None):
-        values = self.sample(num, noise)
+        values, noises = self.sample(num, noise)
         out = self.outputs(values, (x,), {})
         log_lik = loglik(out, y)
         if log_lik.shape != (num, y.shape[0]):
@@ -118,11 +120,15 @@ class _Posterior(torch.nn.Module):
                 kl_sum = kl_sum + 0.5 * (ratio + (loc / s) ** 2 - 1 - ratio.log()).sum()
             total = total + num * kl_sum
         else:
-            for value, loc, rho, s in zip(values, self.locs, self.rhos, self.prior_scales):
-                scale = F.softplus(rho)
-                log_q = -((value - loc) ** 2) / (2 * scale**2) - scale.log() - _HALF_LOG_2PI
+            for value, eps, rho, s in zip(values, noises, self.rhos, self.prior_scales):
+                # log q at the reparameterized point: (z - loc) / scale is eps, so
+                # log q = -eps^2 / 2 - log scale - log sqrt(2 pi), Pyro's value to rounding; its
+                # score-function gradient, zero in expectation and zero up to rounding in Pyro, is
+                # exactly zero here, and no (z - loc) tensor is kept for backward
+                log_q_sum = -0.5 * (eps.detach() ** 2).sum() - num * F.softplus(rho).log().sum() \
+                    - num * eps[0].numel() * _HALF_LOG_2PI
                 log_p = -(value**2) / (2 * s**2) - math.log(s) - _HALF_LOG_2PI
-                total = total - (log_p - log_q).sum()
+                total = total - log_p.sum() + log_q_sum
         return weight * total
 
 
@@ -405,7 +411,7 @@ class MeanFieldVI(torch.nn.Module):
             raise ValueError(f"Expected num_samples >= {self.mesh.sample}, got {num_samples!r}.")
         lo, hi = self.mesh.particle_share(num_samples)
         with self._stream:
-            out = self.posterior.outputs(self.posterior.sample(hi - lo, None), (x,), {})
+            out = self.posterior.outputs(self.posterior.sample(hi - lo, None)[0], (x,), {})
         group = self.mesh.get_optional_group("sample")
         return gather_rows([out], share_counts(num_samples, self.mesh.sample), group=group)[0]
 
