@@ -48,13 +48,12 @@ single)
 scaling)
   for m in mlp vit; do
     pg="--per-gpu 8 32"; [ $m = vit ] && pg="--per-gpu 8"
-    timeout 150 $BENCH gpu-scaling --nproc 1 --model $m --particles 64 $pg --variants fused --out $R/${m}_fused_1gpu.json
-    timeout 150 $BENCH gpu-scaling --nproc 2 --model $m --particles 64 $pg --variants fused --out $R/${m}_fused_2gpu.json
-    timeout 90 $BENCH gpu-scaling --nproc 2 --model $m --particles 64 --data-parallel --variants fused --out $R/${m}_fused_2gpu_data.json
+    timeout 110 $BENCH gpu-scaling --nproc 1 --model $m --particles 64 $pg --variants fused --out $R/${m}_fused_1gpu.json
+    timeout 110 $BENCH gpu-scaling --nproc 2 --model $m --particles 64 $pg --variants fused --out $R/${m}_fused_2gpu.json
+    timeout 70 $BENCH gpu-scaling --nproc 2 --model $m --particles 64 --data-parallel --variants fused --out $R/${m}_fused_2gpu_data.json
   done > "$R/scaling.log" 2>&1
-  (timeout 100 python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/torch_blue_bench.py paper --model mlp --per-gpu 8 32 --out $R/mlp_torch_blue_paper.json
-   timeout 100 python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/torch_blue_bench.py paper --model vit --per-gpu 8 --out $R/vit_torch_blue_paper.json
-  ) > "$R/paper.log" 2>&1 ;;
+  timeout 80 python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/torch_blue_bench.py paper \
+    --model mlp --per-gpu 8 32 --out $R/mlp_torch_blue_paper.json > "$R/paper.log" 2>&1 ;;
 memory)
   (export CUDA_VISIBLE_DEVICES=0; timeout 500 $BENCH gpu-memory --model mlp --variants fused pyro_sp --resolution 0.25 --out $R/mlp_memory.json) > "$R/mem0.log" 2>&1 &
   (export CUDA_VISIBLE_DEVICES=1; timeout 500 $BENCH gpu-memory --model vit --variants fused pyro --resolution 0.25 --out $R/vit_memory.json) > "$R/mem1.log" 2>&1 &
