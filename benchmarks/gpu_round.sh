@@ -54,6 +54,11 @@ scaling)
   done > "$R/scaling.log" 2>&1
   timeout 80 python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/torch_blue_bench.py paper \
     --model mlp --per-gpu 8 32 --out $R/mlp_torch_blue_paper.json > "$R/paper.log" 2>&1 ;;
+whole)  # one compiled graph (the default) against the graph split at the buckets, 1 and 2 GPUs
+  (timeout 100 $BENCH gpu-scaling --nproc 1 --model mlp --per-gpu 8 32 --variants fused --out $R/mlp_whole_1gpu.json
+   timeout 150 $BENCH gpu-scaling --nproc 2 --model mlp --per-gpu 8 32 --variants fused fused_split --out $R/mlp_whole_2gpu.json
+   timeout 150 $BENCH gpu-scaling --nproc 2 --model vit --per-gpu 8 --variants fused --out $R/vit_whole_2gpu.json
+  ) > "$R/whole.log" 2>&1 ;;
 memory)
   (export CUDA_VISIBLE_DEVICES=0; timeout 500 $BENCH gpu-memory --model mlp --variants fused pyro_sp --resolution 0.25 --out $R/mlp_memory.json) > "$R/mem0.log" 2>&1 &
   (export CUDA_VISIBLE_DEVICES=1; timeout 500 $BENCH gpu-memory --model vit --variants fused pyro --resolution 0.25 --out $R/vit_memory.json) > "$R/mem1.log" 2>&1 &

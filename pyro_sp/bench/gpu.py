@@ -14,7 +14,8 @@ Variants, all the same estimator (``Trace_ELBO``: one-sample KL, vectorized part
 ``pyro_sp``         ``DistributedTrace_ELBO`` on the same model and guide;
 ``fused_eager``     :class:`pyro_sp.nn.MeanFieldVI` (``kl="sample"``) without compilation;
 ``fused``           the same, ``torch.compile``\\ d;
-``fused_analytic``  compiled, closed-form KL (``kl="analytic"``: a lower-variance estimator).
+``fused_analytic``  compiled, closed-form KL (``kl="analytic"``: a lower-variance estimator);
+``fused_split``     ``fused`` with ``split_compiled_graph=True`` (graph split at the gradient buckets).
 
 Examples::
 
@@ -40,7 +41,7 @@ import pyro_sp
 from pyro_sp.bench.models import MLP_BATCH, MLP_SIZES, VIT_BATCH, ViTSmall, mlp, synthetic_data
 from pyro_sp.nn import BayesianModule, MeanFieldVI, categorical_likelihood
 
-VARIANTS = ("pyro", "pyro_sp", "fused_eager", "fused", "fused_analytic")
+VARIANTS = ("pyro", "pyro_sp", "fused_eager", "fused", "fused_analytic", "fused_split")
 
 
 def problem(model: str, tiny: bool, device, batch: int | None = None):
@@ -79,7 +80,7 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
     vi = MeanFieldVI(
         bnn, num_particles=num_particles, mesh=mesh, seed=0, init_scale=0.01,
         kl="analytic" if variant == "fused_analytic" else "sample",
-        compile=variant != "fused_eager",
+        compile=variant != "fused_eager", split_compiled_graph=variant == "fused_split",
     ).to(x.device)
     optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=1e-3)
     return lambda: vi.step(optim, x, y)

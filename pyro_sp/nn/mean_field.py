@@ -197,6 +197,13 @@ class MeanFieldVI(torch.nn.Module):
         steps run without host synchronisation; ``"always"``: every step
         does, and a non-finite loss raises on every rank.
     :param float bucket_cap_mb: gradient bucket size of the overlapped reduction.
+    :param bool split_compiled_graph: with ``compile=True`` on a mesh, let
+        :func:`torch.compile` split the graph at the gradient buckets (DDP's
+        graph splitting) so that the reduction overlaps with the compiled
+        backward. Off by default: on two H100s it made the Bayesian MLP's
+        step slower (the split keeps more particle-sized tensors alive) than
+        one whole graph whose buckets are reduced right after backward (see
+        BENCHMARKS.md). Eager steps always overlap.
     """
 
     def __init__(
@@ -215,6 +222,7 @@ class MeanFieldVI(torch.nn.Module):
         compile: bool = False,
         check: str = "first",
         bucket_cap_mb: float = 25.0,
+        split_compiled_graph: bool = False,
     ) -> None:
         super().__init__()
         self.mesh = default_mesh() if mesh is None else mesh
@@ -270,6 +278,7 @@ class MeanFieldVI(torch.nn.Module):
         self._stream = RNGStream(derive_seed(seed, "mean_field_particles", self.mesh.rank))
         self._compile = compile
         self.bucket_cap_mb = float(bucket_cap_mb)
+        self.split_compiled_graph = bool(split_compiled_graph)
         self._loss_fn = None
 
     # ---- setup ---------------------------------------------------------------------
@@ -328,10 +337,9 @@ class MeanFieldVI(torch.nn.Module):
 
     def _local_loss(self, x, y, noise=None) -> torch.Tensor:
         weight, ll_scale = self._scales(y)
-        with self._stream:
-            return self._module()(
-                x, y, self.num_local, weight, ll_scale, self.kl, self._loglik, noise
-            )
+        fn = self._module()
+        with self._stream, torch._dynamo.config.patch(optimize_ddp=self.split_compiled_graph):
+            return fn(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik, noise)
 
     def step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, noise=None) -> torch.Tensor:
         """
