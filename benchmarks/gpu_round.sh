@@ -2,6 +2,8 @@
 # The GPU measurements of BENCHMARKS.md ("Fused step" sections), one phase per call:
 #   bash benchmarks/gpu_round.sh single   # 2 GPUs used as two single-GPU benches: MLP on GPU 0, ViT on GPU 1
 #   bash benchmarks/gpu_round.sh scaling  # 1 and 2 GPUs: MeanFieldVI sample- vs data-parallel, torch_blue + DDP
+#   bash benchmarks/gpu_round.sh ours     # the pyro_sp rows again, with raw torch and NumPyro (fp32 and TF32)
+#   bash benchmarks/gpu_round.sh whole    # compiled step as one graph vs split at the gradient buckets
 #   bash benchmarks/gpu_round.sh memory   # the largest N on one GPU
 # Needs the wheels of pyro-ppl, pyro-api and torch-blue in .whl/ on a machine without internet.
 # Results (JSON lines and JSON) go to $OUT (default ./bench-out).
@@ -59,9 +61,9 @@ whole)  # one compiled graph (the default) against the graph split at the bucket
    timeout 150 $BENCH gpu-scaling --nproc 2 --model mlp --per-gpu 8 32 --variants fused fused_split --out $R/mlp_whole_2gpu.json
    timeout 150 $BENCH gpu-scaling --nproc 2 --model vit --per-gpu 8 --variants fused --out $R/vit_whole_2gpu.json
   ) > "$R/whole.log" 2>&1 ;;
-memory)
-  (export CUDA_VISIBLE_DEVICES=0; timeout 500 $BENCH gpu-memory --model mlp --variants fused pyro_sp --resolution 0.25 --out $R/mlp_memory.json) > "$R/mem0.log" 2>&1 &
-  (export CUDA_VISIBLE_DEVICES=1; timeout 500 $BENCH gpu-memory --model vit --variants fused pyro --resolution 0.25 --out $R/vit_memory.json) > "$R/mem1.log" 2>&1 &
-  wait ;;
+memory)  # the largest N on one GPU (MLP): doubling from --start, then bisection
+  (timeout 150 $BENCH gpu-memory --model mlp --variants fused --start 512 --resolution 0.1 --out $R/mlp_memory_fused.json
+   timeout 60 $BENCH gpu-memory --model mlp --variants pyro_sp --start 128 --resolution 0.1 --out $R/mlp_memory_pyro_sp.json
+  ) > "$R/mem.log" 2>&1 ;;
 esac
 tar czf "$OUT/results_$1.tar.gz" -C "$R" .
