@@ -76,3 +76,36 @@ def test_unknown_suite():
     proc = subprocess.run([sys.executable, "-m", "pyro_sp.cli", "bench", "nope"], env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "expected a suite" in proc.stderr
+
+
+def _script(*args, tmp_path, torchrun: bool = False) -> dict:
+    out = tmp_path / "peer.json"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] if torchrun \
+        else [sys.executable]
+    proc = subprocess.run(launcher + list(args) + ["--out", str(out)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("model", ["mlp", "vit"])
+def test_torch_blue_peer(tmp_path, model):
+    pytest.importorskip("torch_blue")
+    r = _script("benchmarks/torch_blue_bench.py", "single", "--model", model, "--tiny", "--device", "cpu",
+                "--particles", "2", tmp_path=tmp_path)
+    assert r["rows"][0]["torch_blue"]["step_ms_median"] > 0
+
+
+def test_torch_blue_paper_mode(tmp_path):
+    pytest.importorskip("torch_blue")
+    r = _script("benchmarks/torch_blue_bench.py", "paper", "--model", "mlp", "--tiny", "--device", "cpu",
+                "--per-gpu", "2", tmp_path=tmp_path, torchrun=True)
+    assert r["rows"][0]["torch_blue"]["step_ms_median"] > 0
+
+
+def test_numpyro_vit_peer(tmp_path):
+    pytest.importorskip("numpyro")
+    r = _script("benchmarks/numpyro_vit.py", "--tiny", "--particles", "2", "--warmup", "1", "--steps", "2",
+                tmp_path=tmp_path)
+    assert r["rows"][0]["numpyro_jit"]["step_ms_median"] > 0

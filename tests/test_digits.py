@@ -60,3 +60,31 @@ def test_bayesian_mlp_on_digits(pools):
     print(f"digits, 2 ranks: {report}")
     assert report["accuracy"] >= 0.90, report
     assert 0.0 <= report["ece"] < 0.15, report
+
+
+def train_digits_fused(kl: str):
+    """The same network and budget with MeanFieldVI (the fused step), and its predictions."""
+    torch.set_default_dtype(torch.float32)
+    mesh = pyro_sp.SPMesh(sample=tdist.get_world_size())
+    x, y, x_test, y_test = digits()
+    torch.manual_seed(0)
+    bnn = BayesianModule(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)))
+    vi = pyro_sp.nn.MeanFieldVI(bnn, num_particles=PARTICLES, num_data=len(x), kl=kl, mesh=mesh, seed=0)
+    optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=0.03)
+    order = torch.Generator().manual_seed(1)
+    for _ in range(EPOCHS):
+        perm = torch.randperm(len(x), generator=order)
+        for i in range(0, len(x), BATCH):
+            idx = perm[i : i + BATCH]
+            vi.step(optim, x[idx], y[idx])
+    probs = vi.predict(x_test, 64).softmax(-1)
+    return pyro_sp.uq.classification_report(probs, y_test)
+
+
+def test_fused_step_on_digits(pools):
+    for kl in ("sample", "analytic"):
+        reports = pools(2).run(train_digits_fused, kl)
+        assert reports[0] == reports[1], "ranks disagree on the predictive result"
+        print(f"digits, 2 ranks, MeanFieldVI kl={kl}: {reports[0]}")
+        assert reports[0]["accuracy"] >= 0.90, reports[0]
+        assert 0.0 <= reports[0]["ece"] < 0.15, reports[0]
