@@ -39,6 +39,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -258,6 +259,10 @@ def _sync_worker(args) -> dict:
         "collectives_per_step": {"pyro_sp_flat_all_reduce": 1, "ddp": "one per 25 MB bucket"},
     }
     rank = mesh.rank  # read before the group is gone: afterwards every process reads 0
+    # DDP's reducers hold the group: free them first, or the process may abort at exit
+    del variants, ddp_mean, ddp_sum
+    gc.collect()
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     return result if rank == 0 else {}
 

@@ -27,6 +27,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -202,6 +203,8 @@ def scaling(args) -> dict:
                 print(json.dumps(row), flush=True)
     rank = mesh.rank  # read before the group is gone: afterwards every process reads 0
     if mesh.is_distributed:
+        gc.collect()  # DDP reducers of the finished steps hold the group: free them first
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return {"suite": "gpu-scaling", "model": args.model, "rows": rows} if rank == 0 else {}
 
