@@ -32,10 +32,11 @@ def _net(out: int = 3) -> nn.Module:
 
 def _data(likelihood: str):
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(BATCH, 4, generator=g)
+    device = torch.get_default_device()  # also run on GPUs by benchmarks/nccl_check.py
+    x = torch.randn(BATCH, 4, generator=g, device="cpu").to(device)
     if likelihood == "normal":
-        return x, torch.randn(BATCH, generator=g)
-    return x, torch.randint(0, 3, (BATCH,), generator=g)
+        return x, torch.randn(BATCH, generator=g, device="cpu").to(device)
+    return x, torch.randint(0, 3, (BATCH,), generator=g, device="cpu").to(device)
 
 
 def _bnn(bayesian, likelihood: str) -> BayesianModule:
