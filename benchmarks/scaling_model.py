@@ -19,6 +19,14 @@ Weak-scaling efficiency: c(n) / t_W(n); strong: t_1(N) / (W t_W(N / W)).
 
     python benchmarks/scaling_model.py benchmarks/results/h200x2_scaling_r1_1gpu.json \\
         benchmarks/results/h200x2_scaling_r1_2gpu_sample.json [more 1-GPU / 2-GPU files...]
+
+``--fused`` reads ``pyro-sp bench gpu-scaling`` files (``MeanFieldVI``, variant
+``fused``), which record no separate all-reduce time: there a_2 is the whole
+measured 2-GPU extra t_2(n) - t_1(n) at equal n per GPU (all of it treated as
+ring traffic, so it grows by 2 (W - 1) / W like the all-reduce), and o = 0::
+
+    python benchmarks/scaling_model.py --fused benchmarks/results/h100x2_fused/run9_mlp_whole_1gpu.json \\
+        benchmarks/results/h100x2_fused/run8_mlp_fused_1gpu.json benchmarks/results/h100x2_fused/run9_mlp_whole_2gpu.json
 """
 
 from __future__ import annotations
@@ -79,5 +87,33 @@ def main(paths):
     return out
 
 
+def main_fused(paths):
+    one, two = {}, {}
+    for path in paths:
+        with open(path) as f:
+            for r in json.load(f)["rows"]:
+                if r["variant"] != "fused" or not isinstance(r["result"], dict) or r["grid"] not in ("1x1", "2x1"):
+                    continue
+                table = one if r["gpus"] == 1 else two
+                table.setdefault(int(r["particles_per_gpu"]), []).append(r["result"]["step_ms_median"])
+    one = {n: statistics.mean(v) for n, v in one.items()}
+    two = {n: statistics.mean(v) for n, v in two.items()}
+    c0, c1 = fit(one)
+    compute = lambda n: c0 + c1 * n  # noqa: E731
+    extra = {n: two[n] - one[n] for n in two if n in one}
+    a2 = max(0.0, statistics.mean(extra.values()))
+    step = lambda w, n: compute(n) + (2 * (w - 1) / w * a2 if w > 1 else 0.0)  # noqa: E731
+    out = {
+        "calibration": {"c0_ms": c0, "c1_ms_per_particle": c1, "two_gpu_extra_ms": extra, "a2_ms": a2},
+        "weak": {n: {w: compute(n) / step(w, n) for w in (2, 4, 8)} for n in (8, 32)},
+        "strong": {t: {w: compute(t) / (w * step(w, t / w)) for w in (2, 4, 8)} for t in (64, 256)},
+    }
+    print(json.dumps(out, indent=2))
+    return out
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    if sys.argv[1:2] == ["--fused"]:
+        main_fused(sys.argv[2:])
+    else:
+        main(sys.argv[1:])
