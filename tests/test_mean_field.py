@@ -242,6 +242,45 @@ def test_training_keeps_ranks_identical(pools):
             assert torch.equal(a, b), "parameters differ across ranks"
 
 
+def resume_case(path: str):
+    """Six steps; save at step 3 (rank 0's state dicts); a fresh object resumes from the file."""
+    mesh = pyro_sp.default_mesh()
+    x, y = _data("categorical")
+
+    def fresh():
+        torch.manual_seed(0)
+        vi = MeanFieldVI(_bnn("all", "categorical"), num_particles=5, num_data=NUM_DATA, mesh=mesh, seed=1)
+        return vi, torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=0.05)
+
+    vi, optim = fresh()
+    for step in range(6):
+        if step == 3 and mesh.rank == 0:
+            torch.save({"vi": vi.state_dict(), "optim": optim.state_dict()}, path)
+        vi.step(optim, x, y)
+    torch.distributed.barrier()
+    resumed, optim2 = fresh()
+    state = torch.load(path, weights_only=False)
+    resumed.load_state_dict(state["vi"])
+    optim2.load_state_dict(state["optim"])
+    for _ in range(3):
+        resumed.step(optim2, x, y)
+    return [p.detach().clone() for p in vi.parameters()], [p.detach().clone() for p in resumed.parameters()]
+
+
+def test_resume_is_bit_identical(pools, tmp_path):
+    for straight, resumed in pools(2).run(resume_case, str(tmp_path / "vi.pt")):
+        for a, b in zip(straight, resumed):
+            assert torch.equal(a, b)
+
+
+def nonfinite_case():
+    vi = MeanFieldVI(_bnn("all", "categorical"), num_particles=2, mesh=pyro_sp.default_mesh(), check="always")
+    x, y = _data("categorical")
+    with torch.no_grad():
+        vi.posterior.locs[0].fill_(float("nan"))
+    vi.step(torch.optim.SGD(vi.parameters(), lr=0.1), x, y)
+
+
 def disagree_case():
     mesh = pyro_sp.default_mesh()
     MeanFieldVI(_bnn("all", "categorical"), num_particles=4 + mesh.rank, mesh=mesh)
@@ -263,6 +302,9 @@ def test_disagreement_and_failure_stop_every_rank(pools):
     errors = pools(2).run_expecting_errors(failing_step_case)
     assert set(errors) == {0, 1}
     assert all(e[0] == "RuntimeError" and "rank 1" in e[1] for e in errors.values()), errors
+    errors = pools(2).run_expecting_errors(nonfinite_case)
+    assert set(errors) == {0, 1}
+    assert all(e[0] == "FloatingPointError" for e in errors.values()), errors
 
 
 def test_argument_errors():

@@ -258,6 +258,7 @@ class MeanFieldVI(torch.nn.Module):
         lo, hi = self.mesh.particle_share(num_particles)
         self.num_local = hi - lo
         self._steps = 0
+        self._validated = False  # per process: a resumed run checks its first step again
         self._ddp = None
         group = None
         if self.mesh.is_distributed and self.mesh.world_size > 1:
@@ -275,11 +276,28 @@ class MeanFieldVI(torch.nn.Module):
             )
         self._group = group
         seed = self.mesh.shared_seed(seed)
-        self._stream = RNGStream(derive_seed(seed, "mean_field_particles", self.mesh.rank))
+        self._seed = seed
+        self._draws = 0  # calls that drew particles: with the seed, all a resume needs
         self._compile = compile
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.split_compiled_graph = bool(split_compiled_graph)
         self._loss_fn = None
+
+    # ---- random streams and checkpoints -------------------------------------------------
+    def _next_stream(self) -> RNGStream:
+        """The particle noise of this rank's next draw: a stream seeded by (seed, rank, draw), so
+        that a checkpoint needs only the draw count (:meth:`get_extra_state`) to resume exactly."""
+        stream = RNGStream(derive_seed(self._seed, "mean_field_particles", self.mesh.rank, self._draws))
+        self._draws += 1
+        return stream
+
+    def get_extra_state(self) -> dict:
+        """Saved in :meth:`state_dict`: the seed, the number of draws and of steps (the same on
+        every rank, so rank 0's state dict resumes every rank exactly)."""
+        return {"seed": self._seed, "draws": self._draws, "steps": self._steps}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._seed, self._draws, self._steps = int(state["seed"]), int(state["draws"]), int(state["steps"])
 
     # ---- setup ---------------------------------------------------------------------
     @staticmethod
@@ -317,16 +335,18 @@ class MeanFieldVI(torch.nn.Module):
                 from torch.nn.parallel import DistributedDataParallel
 
                 device = next(module.parameters()).device
-                self._ddp = DistributedDataParallel(
+                ddp = DistributedDataParallel(
                     module,
                     device_ids=[device] if device.type == "cuda" else None,
                     **ddp_without_buffer_sync(),
                     bucket_cap_mb=self.bucket_cap_mb,
                     gradient_as_bucket_view=True,
                 )
-                self._ddp.register_comm_hook(self._group, _sum_hook)
-                module = self._ddp
-            self._loss_fn = torch.compile(module) if self._compile else module
+                ddp.register_comm_hook(self._group, _sum_hook)
+                module = ddp
+            # plain attributes, not submodules: the state dict holds the parameters once
+            object.__setattr__(self, "_ddp", module if module is not self.posterior else None)
+            object.__setattr__(self, "_loss_fn", torch.compile(module) if self._compile else module)
         return self._loss_fn
 
     # ---- the estimator -----------------------------------------------------------
@@ -338,7 +358,7 @@ class MeanFieldVI(torch.nn.Module):
     def _local_loss(self, x, y, noise=None) -> torch.Tensor:
         weight, ll_scale = self._scales(y)
         fn = self._module()
-        with self._stream, torch._dynamo.config.patch(optimize_ddp=self.split_compiled_graph):
+        with self._next_stream(), torch._dynamo.config.patch(optimize_ddp=self.split_compiled_graph):
             return fn(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik, noise)
 
     def step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, noise=None) -> torch.Tensor:
@@ -367,7 +387,7 @@ class MeanFieldVI(torch.nn.Module):
 
         :returns: the global loss (0-d tensor).
         """
-        validate = self.check == "always" or self._steps == 0
+        validate = self.check == "always" or not self._validated
         error, local = None, None
         try:
             local = self._local_loss(x, y, noise)
@@ -391,6 +411,7 @@ class MeanFieldVI(torch.nn.Module):
         if work is not None:
             work.wait()
         self._steps += 1
+        self._validated = True
         if self.check == "always" and not torch.isfinite(total):
             raise FloatingPointError(
                 f"MeanFieldVI's loss is {float(total)} at step {self._steps} (on every rank). "
@@ -402,7 +423,7 @@ class MeanFieldVI(torch.nn.Module):
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """The global loss on ``(x, y)`` without gradients (a collective on a mesh)."""
         weight, ll_scale = self._scales(y)
-        with self._stream:
+        with self._next_stream():
             local = self.posterior(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik)
         if self._group is not None:
             dist.all_reduce(local, group=self._group)
@@ -418,7 +439,7 @@ class MeanFieldVI(torch.nn.Module):
         if not isinstance(num_samples, int) or num_samples < self.mesh.sample:
             raise ValueError(f"Expected num_samples >= {self.mesh.sample}, got {num_samples!r}.")
         lo, hi = self.mesh.particle_share(num_samples)
-        with self._stream:
+        with self._next_stream():
             out = self.posterior.outputs(self.posterior.sample(hi - lo, None)[0], (x,), {})
         group = self.mesh.get_optional_group("sample")
         return gather_rows([out], share_counts(num_samples, self.mesh.sample), group=group)[0]
