@@ -453,6 +453,9 @@ def run_paper(
                 torch.cuda.empty_cache()
     finally:
         if created:
+            import gc
+
+            gc.collect()  # DDP reducers still referenced hold the group: free them first
             dist.destroy_process_group()
     if rank != 0:
         return {}

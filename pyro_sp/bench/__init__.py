@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 __all__ = ["SUITES", "format_result", "main"]
@@ -75,6 +74,23 @@ def format_result(result: dict) -> str:
     return json.dumps(flat, indent=2)
 
 
+def _launch(module: str, args: list[str], nproc: int) -> int:
+    """``python -m torch.distributed.run --standalone --nproc-per-node nproc -m module *args``,
+    with ``args`` kept out of the launcher's own option parsing."""
+    from torch.distributed.run import get_args_parser, run
+
+    launcher = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--module", module, "placeholder"]
+    )
+    launcher.training_script_args = list(args)
+    try:
+        run(launcher)
+    except Exception as e:  # noqa: BLE001 - the launcher reports the failed ranks
+        print(f"pyro-sp bench: the ranks failed ({type(e).__name__}); see their output above.", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """``pyro-sp bench SUITE [--nproc N] [suite options]``: run, print a table, write ``--out``."""
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUITES:
@@ -85,22 +101,24 @@ def main(argv: list[str]) -> int:
         return 0
     module, suite, launched = SUITES[argv[0]]
     rest = argv[1:]
-    if launched and "RANK" not in os.environ:
-        nproc = 1
-        if "--nproc" in rest:
-            i = rest.index("--nproc")
-            nproc = int(rest[i + 1])
-            rest = rest[:i] + rest[i + 2:]
-        out = None
-        if "--out" in rest:
-            out = rest[rest.index("--out") + 1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "--module", module, suite] + rest
-        code = subprocess.call(cmd)
-        if code == 0 and out:
-            with open(out) as f:
-                print(format_result(json.load(f)))
-        return code
+    if launched:
+        import argparse
+
+        own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        own.add_argument("--nproc", type=int, default=1)
+        known, rest = own.parse_known_args(rest)
+        if known.nproc < 1:
+            print(f"pyro-sp bench: --nproc must be at least 1, got {known.nproc}.", file=sys.stderr)
+            return 2
+        if "RANK" not in os.environ:  # launch the ranks; under torchrun, run this one
+            finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+            finder.add_argument("--out", default=None)
+            out = finder.parse_known_args(rest)[0].out
+            code = _launch(module, [suite] + rest, known.nproc)
+            if code == 0 and out:
+                with open(out) as f:
+                    print(format_result(json.load(f)))
+            return code
     import importlib
 
     result = importlib.import_module(module).run([suite] + rest, prog=f"pyro-sp bench {argv[0]}")

@@ -116,6 +116,8 @@ def _attempt(variant, net, x, y, n, device, warmup, steps, mesh=None) -> dict | 
     try:
         return timed(make_step(variant, net, x, y, n, mesh), device, warmup, steps)
     except torch.OutOfMemoryError:
+        if mesh is not None and mesh.world_size > 1:
+            raise  # the other ranks are inside the step's collectives: stop the whole job
         return "out of memory"
     finally:
         pyro.clear_param_store()

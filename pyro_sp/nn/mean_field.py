@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from collections.abc import Callable
 
 import pyro
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from pyro.distributions import constraints
 from torch.func import functional_call, vmap
 
-from pyro_sp.collectives import gather_rows, layout_signature, step_check
+from pyro_sp.collectives import broadcast_tensors, gather_rows, layout_signature, step_check
 from pyro_sp.mesh import SPMesh, default_mesh, share_counts
 from pyro_sp.rng import RNGStream, derive_seed
 
@@ -76,6 +78,10 @@ class _Posterior(torch.nn.Module):
         for n in bnn.deterministic_names:
             self.fixed.append(torch.nn.Parameter(named[n].detach().clone()))
         self.prior_scales = [bnn.prior_scales[n] for n in self.names]
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The guide's and the deterministic parameters (not the network's templates)."""
+        return [*self.locs, *self.rhos, *self.fixed]
 
     def sample(self, num: int, noise: list[torch.Tensor] | None) -> tuple[list, list]:
         """``num`` draws of every Bayesian tensor, ``loc + eps * softplus(rho)`` (as Pyro's
@@ -263,41 +269,58 @@ class MeanFieldVI(torch.nn.Module):
         group = None
         if self.mesh.is_distributed and self.mesh.world_size > 1:
             group = dist.group.WORLD
-            shapes = [tuple(p.shape) for p in self.posterior.parameters()]
-            signature = layout_signature(
-                num_particles, num_data, kl, str(likelihood), self.mesh.sample, self.mesh.data,
-                bnn.bayesian_names, bnn.deterministic_names, shapes,
-            )
+            shapes = [tuple(p.shape) for p in self.posterior.trainable()]
+            # a function's repr holds its address, different in every process: use its name
+            likelihood_name = likelihood if isinstance(likelihood, str) else getattr(
+                likelihood, "__qualname__", type(likelihood).__qualname__)
+            layout = {
+                "num_particles": num_particles, "num_data": num_data, "kl": kl, "likelihood": likelihood_name,
+                "noise_scale": noise_scale, "mesh": (self.mesh.sample, self.mesh.data),
+                "parameters": list(zip(bnn.bayesian_names + bnn.deterministic_names, shapes)),
+            }
             step_check(
-                0.0, signature, None, group=group, device=self.mesh.device,
-                describe=lambda: {"num_particles": num_particles, "num_data": num_data, "kl": kl,
-                                  "parameters": list(zip(bnn.bayesian_names + bnn.deterministic_names, shapes))},
-                what="MeanFieldVI",
+                0.0, layout_signature(sorted(layout.items())), None, group=group, device=self.mesh.device,
+                describe=lambda: layout, what="MeanFieldVI",
             )
+            # every rank starts from rank 0's values, before any loss, prediction or step
+            broadcast_tensors([p.data for p in self.posterior.trainable()], group=group)
         self._group = group
         seed = self.mesh.shared_seed(seed)
         self._seed = seed
-        self._draws = 0  # calls that drew particles: with the seed, all a resume needs
+        self._evals = 0  # loss() and predict() calls, apart from the training steps
         self._compile = compile
+        if split_compiled_graph and bucket_cap_mb < 1:
+            raise ValueError(
+                f"Expected bucket_cap_mb >= 1 with split_compiled_graph=True (DDP's first bucket holds "
+                f"1 MB and the split needs no smaller ones), got {bucket_cap_mb!r}."
+            )
         self.bucket_cap_mb = float(bucket_cap_mb)
         self.split_compiled_graph = bool(split_compiled_graph)
         self._loss_fn = None
 
     # ---- random streams and checkpoints -------------------------------------------------
-    def _next_stream(self) -> RNGStream:
-        """The particle noise of this rank's next draw: a stream seeded by (seed, rank, draw), so
-        that a checkpoint needs only the draw count (:meth:`get_extra_state`) to resume exactly."""
-        stream = RNGStream(derive_seed(self._seed, "mean_field_particles", self.mesh.rank, self._draws))
-        self._draws += 1
-        return stream
+    @contextlib.contextmanager
+    def _rng(self, purpose: str):
+        """The particle noise of this rank's next training step (``purpose="step"``) or
+        evaluation (``"eval"``): a stream seeded by (seed, purpose, rank, count), installed on
+        the parameters' device. Training steps are counted apart from :meth:`loss` and
+        :meth:`predict`, so evaluating on some ranks only cannot shift the training noise, and
+        a checkpoint needs only the step count (:meth:`get_extra_state`) to resume exactly."""
+        count = self._steps if purpose == "step" else self._evals
+        if purpose != "step":
+            self._evals += 1
+        stream = RNGStream(derive_seed(self._seed, "mean_field_particles", purpose, self.mesh.rank, count))
+        device = self.posterior.locs[0].device
+        with (torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()), stream:
+            yield
 
     def get_extra_state(self) -> dict:
-        """Saved in :meth:`state_dict`: the seed, the number of draws and of steps (the same on
-        every rank, so rank 0's state dict resumes every rank exactly)."""
-        return {"seed": self._seed, "draws": self._draws, "steps": self._steps}
+        """Saved in :meth:`state_dict`: the seed and the number of steps (the same on every
+        rank, so rank 0's state dict resumes every rank exactly)."""
+        return {"seed": self._seed, "steps": self._steps}
 
     def set_extra_state(self, state: dict) -> None:
-        self._seed, self._draws, self._steps = int(state["seed"]), int(state["draws"]), int(state["steps"])
+        self._seed, self._steps = int(state["seed"]), int(state["steps"])
 
     # ---- setup ---------------------------------------------------------------------
     @staticmethod
@@ -327,27 +350,55 @@ class MeanFieldVI(torch.nn.Module):
             return normal
         raise ValueError(f"Expected likelihood in {_LIKELIHOODS} or a callable, got {likelihood!r}.")
 
-    def _module(self):
-        """The posterior, wrapped for the overlapped reduction and compiled, on first use."""
-        if self._loss_fn is None:
-            module = self.posterior
-            if self._group is not None:
-                from torch.nn.parallel import DistributedDataParallel
+    def _freeze_unused(self, x, y) -> None:
+        """Leave out of training the parameters that get no gradient (as one process would: their
+        ``.grad`` stays ``None``); DDP would otherwise wait for them and skip the reduction."""
+        weight, ll_scale = self._scales(y)
+        params = [p for p in self.posterior.trainable() if p.requires_grad]
+        with self._rng("eval"):
+            local = self.posterior(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik)
+        grads = torch.autograd.grad(local, params, allow_unused=True)
+        names = dict(zip(map(id, self.posterior.trainable()), self._parameter_names()))
+        unused = [p for p, g in zip(params, grads) if g is None]
+        if unused:
+            warnings.warn(
+                f"MeanFieldVI: {[names[id(p)] for p in unused]} get no gradient from the loss; they are "
+                "left out of training and of the gradient reduction.", stacklevel=3,
+            )
+            for p in unused:
+                p.requires_grad_(False)
 
-                device = next(module.parameters()).device
-                ddp = DistributedDataParallel(
-                    module,
-                    device_ids=[device] if device.type == "cuda" else None,
-                    **ddp_without_buffer_sync(),
-                    bucket_cap_mb=self.bucket_cap_mb,
-                    gradient_as_bucket_view=True,
-                )
-                ddp.register_comm_hook(self._group, _sum_hook)
-                module = ddp
-            # plain attributes, not submodules: the state dict holds the parameters once
-            object.__setattr__(self, "_ddp", module if module is not self.posterior else None)
-            object.__setattr__(self, "_loss_fn", torch.compile(module) if self._compile else module)
-        return self._loss_fn
+    def _parameter_names(self) -> list[str]:
+        bnn = self.posterior.bnn
+        return ([f"loc of {n}" for n in bnn.bayesian_names] + [f"scale of {n}" for n in bnn.bayesian_names]
+                + list(bnn.deterministic_names))
+
+    def _setup(self, x, y) -> None:
+        """On the first step: leave out parameters without gradient, wrap the posterior for the
+        overlapped reduction, compile. A failure on any rank is raised on every rank before the
+        collectives of DDP's construction."""
+        module = self.posterior
+        if self._group is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            error = None
+            try:
+                self._freeze_unused(x, y)
+            except Exception as e:  # noqa: BLE001 - raised on every rank by the check
+                error = e
+            step_check(0.0, 0, error, group=self._group, device=self.mesh.device, what="MeanFieldVI's first step")
+            device = next(module.parameters()).device
+            module = DistributedDataParallel(
+                module,
+                device_ids=[device] if device.type == "cuda" else None,
+                **ddp_without_buffer_sync(),
+                bucket_cap_mb=self.bucket_cap_mb,
+                gradient_as_bucket_view=True,
+            )
+            module.register_comm_hook(self._group, _sum_hook)
+        # plain attributes, not submodules: the state dict holds the parameters once
+        object.__setattr__(self, "_ddp", module if module is not self.posterior else None)
+        object.__setattr__(self, "_loss_fn", torch.compile(module) if self._compile else module)
 
     # ---- the estimator -----------------------------------------------------------
     def _scales(self, y: torch.Tensor) -> tuple[float, float]:
@@ -357,8 +408,8 @@ class MeanFieldVI(torch.nn.Module):
 
     def _local_loss(self, x, y, noise=None) -> torch.Tensor:
         weight, ll_scale = self._scales(y)
-        fn = self._module()
-        with self._next_stream(), torch._dynamo.config.patch(optimize_ddp=self.split_compiled_graph):
+        fn = self._loss_fn
+        with self._rng("step"), torch._dynamo.config.patch(optimize_ddp=self.split_compiled_graph):
             return fn(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik, noise)
 
     def step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, noise=None) -> torch.Tensor:
@@ -387,6 +438,8 @@ class MeanFieldVI(torch.nn.Module):
 
         :returns: the global loss (0-d tensor).
         """
+        if self._loss_fn is None:
+            self._setup(x, y)
         validate = self.check == "always" or not self._validated
         error, local = None, None
         try:
@@ -423,7 +476,7 @@ class MeanFieldVI(torch.nn.Module):
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """The global loss on ``(x, y)`` without gradients (a collective on a mesh)."""
         weight, ll_scale = self._scales(y)
-        with self._next_stream():
+        with self._rng("eval"):
             local = self.posterior(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik)
         if self._group is not None:
             dist.all_reduce(local, group=self._group)
@@ -439,7 +492,7 @@ class MeanFieldVI(torch.nn.Module):
         if not isinstance(num_samples, int) or num_samples < self.mesh.sample:
             raise ValueError(f"Expected num_samples >= {self.mesh.sample}, got {num_samples!r}.")
         lo, hi = self.mesh.particle_share(num_samples)
-        with self._next_stream():
+        with self._rng("eval"):
             out = self.posterior.outputs(self.posterior.sample(hi - lo, None)[0], (x,), {})
         group = self.mesh.get_optional_group("sample")
         return gather_rows([out], share_counts(num_samples, self.mesh.sample), group=group)[0]
@@ -478,17 +531,18 @@ class MeanFieldVI(torch.nn.Module):
     @torch.no_grad()
     def load_param_store(self, prefix: str = "AutoNormal") -> None:
         """Read an ``AutoNormal`` guide's (``prefix``) and the model's parameters from Pyro's param store."""
-        unconstrained = dict(pyro.get_param_store().named_parameters())
+        store = pyro.get_param_store()
         bayes, fixed = self._store_names(prefix)
         wanted = [n for pair in bayes for n in pair] + fixed
-        missing = [n for n in wanted if n not in unconstrained]
+        missing = [n for n in wanted if n not in store]
         if missing:
             raise KeyError(
                 f"Expected the parameters {missing} in Pyro's param store (an AutoNormal guide "
-                f"named {prefix!r} of the model, run once). Found: {sorted(unconstrained)[:10]}..."
+                f"named {prefix!r} of the model, run once). Found: {sorted(store.keys())[:10]}..."
             )
         for (loc_name, scale_name), loc, rho in zip(bayes, self.posterior.locs, self.posterior.rhos):
-            loc.copy_(unconstrained[loc_name])
-            rho.copy_(unconstrained[scale_name])  # softplus_positive: the unconstrained value is rho
+            loc.copy_(store[loc_name])
+            # from the (constrained) scale, whatever positive constraint the guide used
+            rho.copy_(_inverse_softplus(store[scale_name].detach()))
         for name, p in zip(fixed, self.posterior.fixed):
-            p.copy_(unconstrained[name])
+            p.copy_(store[name])
