@@ -282,8 +282,14 @@ class MeanFieldVI(torch.nn.Module):
                 0.0, layout_signature(sorted(layout.items())), None, group=group, device=self.mesh.device,
                 describe=lambda: layout, what="MeanFieldVI",
             )
-            # every rank starts from rank 0's values, before any loss, prediction or step
-            broadcast_tensors([p.data for p in self.posterior.trainable()], group=group)
+            # every rank starts from rank 0's values, before any loss, prediction or step; through
+            # the collective device (a module still on the CPU under NCCL is moved later by .to())
+            values = [p.data for p in self.posterior.trainable()]
+            moved = [v.to(self.mesh.device) for v in values]
+            broadcast_tensors(moved, group=group)
+            for v, m in zip(values, moved):
+                if m is not v:
+                    v.copy_(m)
         self._group = group
         seed = self.mesh.shared_seed(seed)
         self._seed = seed
