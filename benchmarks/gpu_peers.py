@@ -81,6 +81,41 @@ def torch_suite(args) -> dict:
     return {"suite": "raw_torch", "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
 
 
+def pmap_of_vmap(fn, keys):
+    """NumPyro's particles over the GPUs of this process (a ``vectorize_particles`` callable): pmap of vmap."""
+    import jax
+
+    d = jax.local_device_count()
+    out = jax.pmap(jax.vmap(fn))(keys.reshape((d, keys.shape[0] // d) + keys.shape[1:]))
+    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out)
+
+
+def timed_updates(update, state, args, warmup: int, steps: int):
+    """``warmup`` untimed, then ``steps`` timed calls of a jitted SVI ``update``:
+    ``(state, loss, seconds per timed step)``."""
+    import jax
+
+    loss = None
+    for _ in range(warmup):
+        state, loss = update(state, *args)
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, loss = update(state, *args)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+    return state, loss, times
+
+
+def jax_peak() -> dict:
+    """``{"peak_gib": ...}`` of the first JAX device, where the backend reports it (since start-up)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"peak_gib": stats["peak_bytes_in_use"] / 2**30} if "peak_bytes_in_use" in stats else {}
+
+
 def numpyro_suite(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -104,12 +139,6 @@ def numpyro_suite(args) -> dict:
         with numpyro.plate("data", x.shape[0]):
             numpyro.sample("y", dist.Categorical(logits=h), obs=y)
 
-    def pmap_of_vmap(fn, keys):
-        """NumPyro's particles over the GPUs of this process: pmap of vmap."""
-        d = jax.local_device_count()
-        out = jax.pmap(jax.vmap(fn))(keys.reshape((d, keys.shape[0] // d) + keys.shape[1:]))
-        return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out)
-
     strategy = pmap_of_vmap if args.pmap else True
     rows = []
     for n in args.particles:
@@ -117,20 +146,10 @@ def numpyro_suite(args) -> dict:
                   Trace_ELBO(num_particles=n, vectorize_particles=strategy))
         state = svi.init(key, x, y)
         update = jax.jit(svi.update)
-        for _ in range(args.warmup):
-            state, loss = update(state, x, y)
-        jax.block_until_ready(loss)
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            state, loss = update(state, x, y)
-            jax.block_until_ready(loss)
-            times.append(time.perf_counter() - t0)
+        state, loss = timed_updates(update, state, (x, y), args.warmup, 0)[:2]
+        _, _, times = timed_updates(update, state, (x, y), 0, args.steps)
         name = f"numpyro_pmap_{jax.local_device_count()}_gpus" if args.pmap else "numpyro_jit"
-        row = {"particles": n, name: {"step_ms_median": 1e3 * statistics.median(times)}}
-        stats = jax.devices()[0].memory_stats() or {}
-        if "peak_bytes_in_use" in stats:
-            row[name]["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+        row = {"particles": n, name: {"step_ms_median": 1e3 * statistics.median(times), **jax_peak()}}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"suite": "numpyro", "device": str(jax.devices()[0]), "numpyro": numpyro.__version__, "rows": rows}

@@ -32,9 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.gpu_peers import jax_peak, pmap_of_vmap, timed_updates  # noqa: E402
 
 FULL = dict(image=32, patch=4, dim=192, depth=6, heads=3, hidden=384, classes=10, batch=128)
 TINY = dict(image=8, patch=4, dim=16, depth=1, heads=2, hidden=32, classes=10, batch=4)
@@ -129,12 +134,6 @@ def numpyro_suite(args) -> dict:
         with numpyro.plate("data", x.shape[0]):
             numpyro.sample("y", dist.Categorical(logits=logits), obs=y)
 
-    def pmap_of_vmap(fn, keys):
-        """NumPyro's particles over the GPUs of this process: pmap of vmap."""
-        d = jax.local_device_count()
-        out = jax.pmap(jax.vmap(fn))(keys.reshape((d, keys.shape[0] // d) + keys.shape[1:]))
-        return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), out)
-
     strategy = pmap_of_vmap if args.pmap else True
     name = f"numpyro_pmap_{jax.local_device_count()}_gpus" if args.pmap else "numpyro_jit"
     n_params = sum(math.prod(s) for _, s, _ in specs)
@@ -157,25 +156,11 @@ def numpyro_suite(args) -> dict:
             jax.block_until_ready(state)
             init_s = time.perf_counter() - t0
             update = jax.jit(svi.update)
-            t0 = time.perf_counter()
-            state, loss = update(state, x, y)
-            jax.block_until_ready(loss)
-            first_s = time.perf_counter() - t0
-            for _ in range(args.warmup):
-                state, loss = update(state, x, y)
-            jax.block_until_ready(loss)
-            times = []
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                state, loss = update(state, x, y)
-                jax.block_until_ready(loss)
-                times.append(time.perf_counter() - t0)
+            state, _, (first,) = timed_updates(update, state, (x, y), 0, 1)
+            state = timed_updates(update, state, (x, y), args.warmup, 0)[0]
+            state, loss, times = timed_updates(update, state, (x, y), 0, args.steps)
             row[name] = {"step_ms_median": 1e3 * statistics.median(times), "init_s": init_s,
-                         "first_step_s": first_s,
-                         "loss": float(loss)}
-            stats = jax.devices()[0].memory_stats() or {}
-            if "peak_bytes_in_use" in stats:
-                row[name]["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
+                         "first_step_s": first, "loss": float(loss), **jax_peak()}
         except Exception as e:  # XlaRuntimeError / JaxRuntimeError, whose name moved between versions
             if not _out_of_memory(e):
                 raise
