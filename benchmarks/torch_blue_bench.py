@@ -69,7 +69,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -292,11 +291,6 @@ def _set_precision(device: torch.device, tf32: bool) -> None:
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed_steps(net, loss_fn, x, y, samples: int, warmup: int, steps: int, device: torch.device):
     """Per-step seconds of the timed steps, the peak GiB (CUDA, else None) and
     the warnings of the first step (e.g. vmap falling back to a loop)."""
@@ -315,17 +309,10 @@ def _timed_steps(net, loss_fn, x, y, samples: int, warmup: int, steps: int, devi
     first_warnings = sorted({str(w.message).split(" (Triggered")[0] for w in caught})
     for _ in range(max(warmup - 1, 0)):
         step()
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    _bench_models()  # pyro_sp importable, also from a source checkout
+    from pyro_sp.bench.gpu import step_times
+
+    times, peak = step_times(step, device, steps)
     return times, peak, first_warnings
 
 

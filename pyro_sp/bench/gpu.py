@@ -92,10 +92,9 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step, device, warmup: int, steps: int) -> dict:
-    """Median step time (ms) after ``warmup`` steps, peak memory (GiB, CUDA only) over the timed steps."""
-    for _ in range(warmup):
-        step()
+def step_times(step, device, steps: int) -> tuple[list[float], float | None]:
+    """Seconds of each of ``steps`` calls of ``step`` (CUDA synchronised around each) and the
+    peak memory over them in GiB (CUDA; ``None`` elsewhere)."""
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -106,9 +105,18 @@ def timed(step, device, warmup: int, steps: int) -> dict:
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return times, peak
+
+
+def timed(step, device, warmup: int, steps: int) -> dict:
+    """Median step time (ms) after ``warmup`` steps, peak memory (GiB, CUDA only) over the timed steps."""
+    for _ in range(warmup):
+        step()
+    times, peak = step_times(step, device, steps)
     out = {"step_ms_median": 1e3 * statistics.median(times)}
-    if device.type == "cuda":
-        out["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if peak is not None:
+        out["peak_gib"] = peak
     return out
 
 
