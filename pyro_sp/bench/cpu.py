@@ -167,7 +167,6 @@ def step(args) -> dict:
         "sync_share_of_step": comm / statistics.median(timed) if timed else None,
     }
     rank = mesh.rank  # read before the group is gone: afterwards every process reads 0
-    rank = mesh.rank  # read before the group is gone: afterwards every process reads 0
     if mesh.is_distributed:
         torch.distributed.destroy_process_group()
     return result if rank == 0 else {}
@@ -364,3 +363,7 @@ def run(argv=None, prog: str | None = None) -> dict:
 
 if __name__ == "__main__":
     run()
+    if "RANK" in os.environ:  # a rank under torchrun: see pyro_sp.bench.exit_rank
+        from pyro_sp.bench import exit_rank
+
+        exit_rank()
