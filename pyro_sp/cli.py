@@ -102,18 +102,22 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def _launch(argv: list[str], nproc: int) -> int:
+def launch_module(module: str, args: list[str], nproc: int, prog: str = "pyro-sp") -> int:
+    """``python -m torch.distributed.run --standalone --nproc-per-node nproc -m module *args``,
+    in this process, with ``args`` kept out of the launcher's option parser (which would
+    take an option such as ``--start`` for its ``--start-method``). Returns the exit code."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
-    args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "--module", "pyro_sp.cli"] + _without_nproc(argv)
+    launcher = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--module", module, "placeholder"]
     )
+    launcher.training_script_args = list(args)
     try:
-        run(args)
+        run(launcher)
     except ChildFailedError as e:
         failures = "; ".join(f"rank {r}: exit code {f.exitcode}" for r, f in sorted(e.failures.items()))
-        print(f"pyro-sp: a rank failed ({failures}); see its error above.", file=sys.stderr)
+        print(f"{prog}: a rank failed ({failures}); see its error above.", file=sys.stderr)
         return 1
     return 0
 
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         return _info()
     _validate(parser, a)
     if a.nproc > 1 and "RANK" not in os.environ:
-        return _launch(argv, a.nproc)
+        return launch_module("pyro_sp.cli", _without_nproc(argv), a.nproc)
     return _demo(a)
 
 

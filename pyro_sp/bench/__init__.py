@@ -89,23 +89,6 @@ def format_result(result: dict) -> str:
     return json.dumps(flat, indent=2)
 
 
-def _launch(module: str, args: list[str], nproc: int) -> int:
-    """``python -m torch.distributed.run --standalone --nproc-per-node nproc -m module *args``,
-    with ``args`` kept out of the launcher's own option parsing."""
-    from torch.distributed.run import get_args_parser, run
-
-    launcher = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "--module", module, "placeholder"]
-    )
-    launcher.training_script_args = list(args)
-    try:
-        run(launcher)
-    except Exception as e:  # noqa: BLE001 - the launcher reports the failed ranks
-        print(f"pyro-sp bench: the ranks failed ({type(e).__name__}); see their output above.", file=sys.stderr)
-        return 1
-    return 0
-
-
 def main(argv: list[str]) -> int:
     """``pyro-sp bench SUITE [--nproc N] [suite options]``: run, print a table, write ``--out``."""
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUITES:
@@ -129,7 +112,9 @@ def main(argv: list[str]) -> int:
             finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
             finder.add_argument("--out", default=None)
             out = finder.parse_known_args(rest)[0].out
-            code = _launch(module, [suite] + rest, known.nproc)
+            from pyro_sp.cli import launch_module
+
+            code = launch_module(module, [suite] + rest, known.nproc, prog="pyro-sp bench")
             if code == 0 and out:
                 with open(out) as f:
                     print(format_result(json.load(f)))
