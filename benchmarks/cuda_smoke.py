@@ -24,7 +24,7 @@ def model(x, y=None):
 
 
 guide = AutoNormal(model)
-svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=pyro_sp.DistributedTrace_ELBO(num_particles=8))
+svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), loss=pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=8))
 losses = [svi.step(x, y) for _ in range(50)]
 out = pyro_sp.DistributedPredictive(model, guide=guide, num_samples=16, parallel=True, return_sites=("mean",))(x)
 print(f"cuda regression: loss {losses[0]:.1f} -> {losses[-1]:.1f}; predictive mean {tuple(out['mean'].shape)} on {out['mean'].device}")

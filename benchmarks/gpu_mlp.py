@@ -99,8 +99,8 @@ def single(args) -> dict:
         row = {"particles": n}
         variants = {
             "pyro_trace_elbo": (pyro_model, lambda: Trace_ELBO(num_particles=n, vectorize_particles=True)),
-            "pyro_sp_same_model": (pyro_model, lambda: pyro_sp.DistributedTrace_ELBO(num_particles=n)),
-            "pyro_sp_bayesian_module": (module_model(device), lambda: pyro_sp.DistributedTrace_ELBO(num_particles=n)),
+            "pyro_sp_same_model": (pyro_model, lambda: pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=n)),
+            "pyro_sp_bayesian_module": (module_model(device), lambda: pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=n)),
         }
         for name, (model, loss) in variants.items():
             try:
@@ -128,7 +128,7 @@ def scaling(args) -> dict:
     rows = []
     configs = [("strong", n, n) for n in args.particles] + [("weak", p, p * mesh.sample) for p in args.per_gpu]
     for kind, label, total in configs:
-        svi = make_svi(pyro_model, pyro_sp.DistributedTrace_ELBO(num_particles=total, mesh=mesh, seed=0))
+        svi = make_svi(pyro_model, pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=total, mesh=mesh))
         result = timed_steps(svi, x, y, args.warmup, args.steps)
         with record_collectives() as rec:
             for _ in range(3):

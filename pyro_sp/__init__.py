@@ -8,6 +8,8 @@ get exactly the single-process estimator back.
 from pyro_sp import data, nn, poutine, uq
 from pyro_sp.checkpoint import load_checkpoint, save_checkpoint
 from pyro_sp.collectives import record_collectives
+from pyro_sp.errors import RankError
+from pyro_sp.fingerprint import rank_local
 from pyro_sp.infer import (
     DistributedELBO,
     DistributedJitTrace_ELBO,
@@ -43,6 +45,7 @@ __all__ = [
     "DistributedTraceTailAdaptive_ELBO",
     "DistributedTrace_ELBO",
     "RNGStream",
+    "RankError",
     "SPMesh",
     "__version__",
     "data",
@@ -52,6 +55,7 @@ __all__ = [
     "nn",
     "particle_share",
     "poutine",
+    "rank_local",
     "record_collectives",
     "save_checkpoint",
     "share_counts",

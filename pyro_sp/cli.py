@@ -174,7 +174,7 @@ def _demo(a: argparse.Namespace) -> int:
 
     guide = AutoNormal(model, init_scale=0.01)
     elbo = pyro_sp.DistributedTraceMeanField_ELBO(
-        num_particles=a.particles, mesh=mesh, seed=a.seed, max_plate_nesting=1  # the data plate
+        num_particles=a.particles, mesh=mesh, vectorize_particles=True, max_plate_nesting=1  # the data plate
     )
     svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": a.lr, "lrd": 0.999}), loss=elbo)
 

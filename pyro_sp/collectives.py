@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from pyro_sp.errors import RankError
 
 __all__ = [
     "CollectiveRecord",
@@ -180,7 +183,9 @@ def gather_rows(
     out: list[torch.Tensor | None] = [None] * len(tensors)
     for (dtype, device), idx in _buckets(tensors).items():
         transport = torch.uint8 if dtype == torch.bool else dtype
-        cols = [tensors[i].reshape(counts[me], -1).to(transport) for i in idx]
+        cols = [
+            tensors[i].reshape(counts[me], math.prod(tensors[i].shape[1:])).to(transport) for i in idx
+        ]
         widths = [c.shape[1] for c in cols]
         flat = torch.zeros(rows, sum(widths), dtype=transport, device=device)
         flat[: counts[me]] = torch.cat(cols, dim=1)
@@ -214,16 +219,32 @@ def step_check(
     device: torch.device | str = "cpu",
     describe: Callable[[], object] = lambda: None,
     what: str = "The distributed ELBO",
+    hint: str = "",
+    agree: torch.Tensor | None = None,
+    agree_slot: int = 0,
+    agree_slots: int = 1,
+    describe_agree: Callable[[], object] = lambda: None,
 ) -> float:
     """
     The one small collective of every step: sums the ranks' partial losses and
-    verifies, on every rank, that no rank failed and that all ranks agree on
-    ``signature`` (number of particles, parameter names and shapes).
+    verifies, on every rank, that no rank failed, that all ranks agree on
+    ``signature`` (number of particles, parameter names and shapes) and that
+    the ranks of each *slot* (a sample group) agree on ``agree`` (the
+    fingerprint of the call's data and random key).
 
-    It all-reduces ``[loss, s, s**2, failed]``. If every rank sees
-    ``sum(s) == W s`` and ``sum(s**2) == W s**2`` then all signatures are equal;
-    if they are not, every rank sees at least one of the two fail, so every
-    rank raises — none is left waiting in a later collective.
+    It all-reduces ``[loss, s, s**2, failed, a_0, a_0**2, ..., a_{K-1}, a_{K-1}**2]``
+    where rank ``r`` writes its fingerprint ``a`` into its own slot. If every
+    rank sees ``sum(s) == W s`` and ``sum(s**2) == W s**2`` then all
+    signatures are equal; if they are not, every rank sees at least one of the
+    two fail. Within a slot of ``n`` ranks, the fingerprints are all equal iff
+    ``n * sum(a**2) == sum(a)**2``, which every rank can evaluate for every
+    slot. So every rank raises, or none does — none is left waiting in a later
+    collective.
+
+    If some rank failed, a rank that failed re-raises its own exception (type,
+    message and traceback kept; the other ranks' failures are added as a
+    note) and a rank that did not fail raises :class:`~pyro_sp.RankError`
+    naming the failing ranks and their exceptions.
 
     :param float local_loss: this rank's partial loss.
     :param int signature: :func:`layout_signature` of what must agree.
@@ -232,8 +253,15 @@ def step_check(
     :param describe: returns a picklable description of this rank's layout,
         gathered only to explain a mismatch.
     :param str what: the computation, named in the error message.
+    :param str hint: a sentence added to :class:`~pyro_sp.RankError`.
+    :param agree: 0-d integer tensor in ``[0, 2**16)`` that must be equal on the
+        ranks of a slot (see :func:`pyro_sp.fingerprint.data_fingerprint`), or ``None``.
+    :param int agree_slot: this rank's slot (its data-axis coordinate).
+    :param int agree_slots: number of slots; every slot holds the same number of ranks.
+    :param describe_agree: returns a picklable description of what ``agree``
+        condenses, gathered only to explain a mismatch.
     :returns: the sum of the partial losses over ``group``.
-    :raises RuntimeError: on every rank if some rank failed.
+    :raises RankError: on the ranks that did not fail, if some rank failed.
     :raises ValueError: on every rank if the ranks disagree.
     """
     if group is None:
@@ -242,27 +270,78 @@ def step_check(
         return local_loss
     s = float(signature)
     loss = 0.0 if error is not None else float(local_loss)
-    t = torch.tensor([loss, s, s * s, float(error is not None)], dtype=torch.float64, device=device)
+    slots = agree_slots if agree is not None else 0
+    t = torch.zeros(4 + 2 * slots, dtype=torch.float64, device=device)
+    t[:4] = torch.tensor([loss, s, s * s, float(error is not None)], dtype=torch.float64)
+    if slots:
+        a = agree.to(device=device, dtype=torch.float64)
+        t[4 + 2 * agree_slot] = a
+        t[5 + 2 * agree_slot] = a * a
     _run("step_check", dist.all_reduce, t, group=group)
-    total, s_sum, s2_sum, failures = t.tolist()
+    values = t.tolist()
+    total, s_sum, s2_sum, failures = values[:4]
     world = dist.get_world_size(group)
     if failures:
-        messages: list = [None] * world
-        mine = None if error is None else f"{type(error).__name__}: {error}"
-        dist.all_gather_object(messages, mine, group=group)
-        failed = {r: m for r, m in enumerate(messages) if m is not None}
-        text = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
-        raise RuntimeError(
-            f"{what} failed on {len(failed)} of {world} ranks ({text}). "
-            "Every rank stops with this error. If the failure is a shape error, check that "
-            "the model and guide broadcast over a leftmost particle dimension "
-            "(vectorize_particles=True needs static, vectorizable structure)."
-        ) from error
+        _raise_failure(error, what, hint, group, world)
     if s_sum != world * s or s2_sum != world * s * s:
         layouts: list = [None] * world
         dist.all_gather_object(layouts, describe(), group=group)
         raise ValueError(_explain_mismatch(layouts))
+    per_slot = world // slots if slots else 0
+    bad = [k for k in range(slots) if per_slot * values[5 + 2 * k] != values[4 + 2 * k] ** 2]
+    if bad:
+        descriptions: list = [None] * world
+        dist.all_gather_object(descriptions, (agree_slot, describe_agree()), group=group)
+        raise ValueError(_explain_disagreement(descriptions, bad, what))
     return total
+
+
+def _raise_failure(error, what, hint, group, world) -> None:
+    messages: list = [None] * world
+    mine = None if error is None else (type(error).__name__, str(error))
+    dist.all_gather_object(messages, mine, group=group)
+    failed = {r: m for r, m in enumerate(messages) if m is not None}
+    if error is None:
+        raise RankError(what, failed, world, hint)
+    me = dist.get_rank(group)
+    others = {r: m for r, m in failed.items() if r != me}
+    add_note = getattr(error, "add_note", None)  # Python >= 3.11: shown with the traceback
+    if add_note is not None:
+        note = f"[pyro_sp] raised on rank {me} in {what}"
+        if others:
+            note += "; it also failed on " + "; ".join(
+                f"rank {r} ({t}: {m})" for r, (t, m) in sorted(others.items())
+            )
+        add_note(note + (f". {hint}" if hint else "."))
+    raise error
+
+
+def _explain_disagreement(descriptions: list, bad: list[int], what: str) -> str:
+    lines = [
+        f"Expected the ranks of each sample group to call {what} with the same data and the "
+        "same random state (they split the particles of one estimate), but they differ:"
+    ]
+    groups: dict[int, list[tuple[int, dict]]] = {}
+    for rank, (slot, desc) in enumerate(descriptions):
+        groups.setdefault(slot, []).append((rank, desc if isinstance(desc, dict) else {}))
+    for slot in bad:
+        members = groups.get(slot, [])
+        if not members:
+            continue
+        (r0, ref), rest = members[0], members[1:]
+        for r, desc in rest:
+            keys = sorted(set(ref) | set(desc), key=str)
+            for key in keys:
+                a, b = ref.get(key, "<missing>"), desc.get(key, "<missing>")
+                if a != b:
+                    lines.append(f"  data group {slot}: {key}: rank {r0} has {a}, rank {r} has {b}")
+    lines.append(
+        "Give every rank of a sample group the same arguments (e.g. build data from a seeded "
+        "generator, or read minibatches with pyro_sp.data, which shards by data group), and seed "
+        "the global RNG identically on those ranks (pyro.set_rng_seed(s) with the same s; add the "
+        "data-axis index, never the global rank, if data groups should differ)."
+    )
+    return "\n".join(lines)
 
 
 def _explain_mismatch(layouts: list) -> str:

@@ -29,18 +29,19 @@ def particle_share(num_particles: int, sample_size: int, sample_index: int) -> t
     """
     The half-open range ``[lo, hi)`` of particles held by one rank of the sample
     axis, following :func:`torch.tensor_split`: the first
-    ``num_particles % sample_size`` ranks hold one particle more.
+    ``num_particles % sample_size`` ranks hold one particle more. With fewer
+    particles than ranks (``num_particles < sample_size``) the last ranks hold
+    none (``lo == hi == num_particles``).
 
-    :param int num_particles: global number of particles :math:`N`.
+    :param int num_particles: global number of particles :math:`N \\geq 1`.
     :param int sample_size: size :math:`S` of the sample axis.
     :param int sample_index: this rank's coordinate on the sample axis.
     :returns: ``(lo, hi)`` with ``hi - lo`` equal to :math:`\\lfloor N/S \\rfloor`
         or :math:`\\lceil N/S \\rceil`.
     """
-    if num_particles < sample_size:
+    if not isinstance(num_particles, int) or isinstance(num_particles, bool) or num_particles < 1:
         raise ValueError(
-            f"Expected num_particles >= {sample_size} (the sample axis size), got "
-            f"{num_particles}. Use more particles or a smaller sample axis."
+            f"Expected a positive integer num_particles, got {num_particles!r}."
         )
     if not 0 <= sample_index < sample_size:
         raise ValueError(

@@ -1,13 +1,23 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Named random streams that can be swapped in for the global torch RNG.
+"""Random streams of a distributed call, keyed by the user's global RNG.
 
-Pyro's distributions draw from the global generators. Sampling parallelism
-needs two kinds of randomness on each rank: particle noise that is
-independent across ranks, and subsample indices that every rank of a sample
-group draws identically. An :class:`RNGStream` keeps its own generator state
-(CPU, and the current CUDA device once CUDA is in use) and installs it as the
-global state inside ``with stream:``; on exit it saves its advanced state and
-puts the caller's state back, so the user's own RNG is left untouched.
+Pyro's distributions draw from the global torch generators, and Pyro's
+promise is that ``pyro.set_rng_seed(s)`` before a call reproduces it, that
+successive calls draw fresh noise and that a new estimator does not replay an
+old one's. pyro_sp keeps that promise at every world size:
+
+- each distributed call draws one 62-bit **key** from the global CPU
+  generator (:func:`draw_key`): the global RNG advances by exactly that draw
+  on every rank, whatever the rank computed, so ranks that were in agreement
+  stay in agreement;
+- from the key, :func:`derive_seed` makes the seeds of the call's streams:
+  particle noise per rank (independent across ranks), subsample indices per
+  data group (identical within a sample group);
+- an :class:`RNGStream` installs such a seed as the global state inside
+  ``with stream:`` and puts the caller's state back on exit.
+
+:func:`get_global_state` / :func:`set_global_state` snapshot and restore the
+global generators (CPU and the current CUDA device once CUDA is in use).
 """
 
 from __future__ import annotations
@@ -16,13 +26,42 @@ import hashlib
 
 import torch
 
-__all__ = ["RNGStream", "derive_seed"]
+__all__ = ["RNGStream", "derive_seed", "draw_key", "get_global_state", "set_global_state"]
 
 
 def derive_seed(seed: int, *keys) -> int:
     """A 63-bit seed derived deterministically from ``seed`` and ``keys``."""
     digest = hashlib.blake2b(repr((int(seed),) + keys).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+#: Keys are drawn below 2**62 (exactly representable in int64 on every backend).
+KEY_BITS = 62
+
+
+def draw_key() -> int:
+    """One key drawn from the global CPU generator (advances it by one draw)."""
+    return int(torch.randint(0, 1 << KEY_BITS, (), dtype=torch.int64).item())
+
+
+def _cuda_device() -> int | None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.current_device()
+    return None
+
+
+def get_global_state() -> tuple:
+    """A snapshot of the global generators: the CPU's and, once CUDA is in use, the current device's."""
+    device = _cuda_device()
+    return torch.get_rng_state(), device, None if device is None else torch.cuda.get_rng_state(device)
+
+
+def set_global_state(state: tuple) -> None:
+    """Restore a snapshot from :func:`get_global_state`."""
+    cpu, device, cuda = state
+    torch.set_rng_state(cpu)
+    if device is not None:
+        torch.cuda.set_rng_state(cuda, device)
 
 
 class RNGStream:
@@ -49,13 +88,8 @@ class RNGStream:
         self._cpu_state = cpu.clone()
         self._cuda_states = {d: s.clone() for d, s in cuda.items()}
 
-    def _cuda_device(self) -> int | None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            return torch.cuda.current_device()
-        return None
-
     def __enter__(self) -> "RNGStream":
-        device = self._cuda_device()
+        device = _cuda_device()
         saved_cuda = None
         if device is not None:
             saved_cuda = torch.cuda.get_rng_state(device)

@@ -223,11 +223,17 @@ def pinned_sequential_noise(elbo, first_particle: int, seed: int = 0):
 @contextlib.contextmanager
 def particle_seed(elbo, seed: int):
     """Start the particle noise of ``elbo`` (distributed or Pyro's) from ``seed`` on every rank."""
-    from pyro_sp import RNGStream
+    from pyro_sp import DistributedELBO
 
-    if getattr(elbo, "_particle_rng", None) is not None:
-        elbo._particle_rng = RNGStream(seed)
-        yield
+    if isinstance(elbo, DistributedELBO) and elbo.mesh.is_distributed:
+        # every rank's particle stream starts from ``seed`` (pinned noise then slices it);
+        # the subsample stream stays the data group's
+        derived = type(elbo)._stream_seeds
+        elbo._stream_seeds = lambda key: (seed, derived(elbo, key)[1])
+        try:
+            yield
+        finally:
+            del elbo._stream_seeds
     else:
         with torch.random.fork_rng():
             torch.manual_seed(seed)

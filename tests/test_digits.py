@@ -39,7 +39,7 @@ def train_digits():
 
     x_train = x
     guide = AutoNormal(model, init_scale=0.01)
-    elbo = pyro_sp.DistributedTraceMeanField_ELBO(num_particles=PARTICLES, mesh=mesh)
+    elbo = pyro_sp.DistributedTraceMeanField_ELBO(vectorize_particles=True, num_particles=PARTICLES, mesh=mesh)
     svi = pyro.infer.SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.03}), loss=elbo)
     order = torch.Generator().manual_seed(1)  # same minibatches on every rank of the sample group
     for _ in range(EPOCHS):

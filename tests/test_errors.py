@@ -19,13 +19,9 @@ def _loss(elbo, guide=param_guide, model_fn=model):
     return elbo.loss_and_grads(model_fn, guide, x, y)
 
 
-def too_few_particles():
-    pyro_sp.DistributedTrace_ELBO(num_particles=2, mesh=pyro_sp.SPMesh(sample=3))
-
-
 def disagreeing_num_particles():
     rank = tdist.get_rank()
-    _loss(pyro_sp.DistributedTrace_ELBO(num_particles=8 + rank, mesh=pyro_sp.SPMesh(sample=2)))
+    _loss(pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=8 + rank, mesh=pyro_sp.SPMesh(sample=2)))
 
 
 def _guide_with_extra_param(x, y):
@@ -35,7 +31,7 @@ def _guide_with_extra_param(x, y):
 
 
 def disagreeing_param_names():
-    _loss(pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2)), _guide_with_extra_param)
+    _loss(pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=4, mesh=pyro_sp.SPMesh(sample=2)), _guide_with_extra_param)
 
 
 def _guide_with_other_shape(x, y):
@@ -44,7 +40,7 @@ def _guide_with_other_shape(x, y):
 
 
 def disagreeing_param_shapes():
-    _loss(pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2)), _guide_with_other_shape)
+    _loss(pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=4, mesh=pyro_sp.SPMesh(sample=2)), _guide_with_other_shape)
 
 
 def indivisible_mesh():
@@ -66,7 +62,7 @@ def _unvectorizable_model(x, y):
 
 def unvectorizable_model():
     _loss(
-        pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2)),
+        pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=4, mesh=pyro_sp.SPMesh(sample=2)),
         param_guide,
         _unvectorizable_model,
     )
@@ -80,7 +76,7 @@ def _model_failing_on_rank_1(x, y):
 
 def failure_on_one_rank():
     _loss(
-        pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2)),
+        pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=4, mesh=pyro_sp.SPMesh(sample=2)),
         param_guide,
         _model_failing_on_rank_1,
     )
@@ -88,12 +84,14 @@ def failure_on_one_rank():
 
 def failure_keeps_earlier_gradients():
     x, y = make_data(0)
-    elbo = pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2))
+    elbo = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=4, mesh=pyro_sp.SPMesh(sample=2))
     elbo.loss_and_grads(model, param_guide, x, y)
     earlier = {n: p.grad.clone() for n, p in pyro.get_param_store().named_parameters()}
     try:
         elbo.loss_and_grads(_model_failing_on_rank_1, param_guide, x, y)
-    except RuntimeError as e:
+    except KeyError as e:  # rank 1: its own error
+        assert "only rank 1 lacks this" in str(e)
+    except pyro_sp.RankError as e:  # rank 0: names it
         assert "rank 1: KeyError" in str(e)
     else:
         raise AssertionError("expected an error")
@@ -106,18 +104,18 @@ def test_failure_keeps_earlier_gradients(pools):
 
 def jit_random_subsample():
     x, y = make_data(0)
-    elbo = pyro_sp.DistributedJitTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2))
+    elbo = pyro_sp.DistributedJitTrace_ELBO(vectorize_particles=True, num_particles=4, mesh=pyro_sp.SPMesh(sample=2))
     elbo.loss_and_grads(model, param_guide, x, y, subsample_size=6)
 
 
 def test_jit_refuses_random_subsampling_under_a_sample_axis(pools):
     for kind, msg, _ in _errors(pools(2), jit_random_subsample).values():
-        assert kind == "RuntimeError" and "JIT-compiled ELBO" in msg and "subsample=" in msg
+        assert kind == "ValueError" and "JIT-compiled ELBO" in msg and "subsample=" in msg
 
 
 def healthy():
     world = tdist.get_world_size()
-    _loss(pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=world)))
+    _loss(pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=4, mesh=pyro_sp.SPMesh(sample=world)))
     return tdist.get_rank()
 
 
@@ -125,12 +123,6 @@ def _errors(pool, fn):
     errors = pool.run_expecting_errors(fn)
     assert pool.run(healthy) == list(range(pool.world)), "ranks not usable after the error"
     return errors
-
-
-def test_too_few_particles(pools):
-    for rank, (kind, msg, _) in _errors(pools(3), too_few_particles).items():
-        assert kind == "ValueError", (rank, msg)
-        assert "num_particles >= 3" in msg and "got 2" in msg
 
 
 def test_indivisible_sample_axis(pools):
@@ -159,15 +151,20 @@ def test_disagreeing_param_shapes(pools):
 
 
 def test_unvectorizable_model(pools):
-    for kind, msg, _ in _errors(pools(2), unvectorizable_model).values():
-        assert kind == "RuntimeError"
-        assert "failed on 2 of 2 ranks" in msg and "particle dimension" in msg
+    for kind, msg, tb in _errors(pools(2), unvectorizable_model).values():
+        assert kind == "RuntimeError"  # torch's own error, re-raised on each rank
+        assert "expected" in msg
+        assert "particle dimension" in tb and "also failed on rank" in tb  # the notes
 
 
 def test_failure_on_one_rank_stops_every_rank(pools):
-    for kind, msg, _ in _errors(pools(2), failure_on_one_rank).values():
-        assert kind == "RuntimeError"
-        assert "failed on 1 of 2 ranks" in msg and "rank 1: KeyError" in msg
+    errors = _errors(pools(2), failure_on_one_rank)
+    kind, msg, _ = errors[0]
+    assert kind == "RankError"
+    assert "failed on 1 of 2 ranks" in msg and "rank 1: KeyError" in msg
+    kind, msg, tb = errors[1]
+    assert kind == "KeyError" and "only rank 1 lacks this" in msg
+    assert "test_errors.py" in tb and "_model_failing_on_rank_1" in tb  # its own traceback
 
 
 def test_errors_without_process_group():

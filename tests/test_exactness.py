@@ -48,7 +48,7 @@ def exact_case(estimator: str, guide_kind: str, num_particles: int, plate: str, 
     d = mesh.data_index
     model_fn, args, kwargs = _inputs(d, plate)
     guide = make_guide(guide_kind, model_fn)
-    elbo = dist_cls(num_particles=num_particles, mesh=mesh)
+    elbo = dist_cls(num_particles=num_particles, mesh=mesh, vectorize_particles=True)
     elbo.loss(model_fn, guide, *args, **kwargs)  # creates and broadcasts the parameters
     lo, hi = mesh.particle_share(num_particles)
     with pinned_noise(num_particles, lo, hi):  # compiles the JIT estimators with pinned noise

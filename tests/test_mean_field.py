@@ -419,7 +419,8 @@ def test_disagreement_and_failure_stop_every_rank(pools):
     assert all(e[0] == "ValueError" for e in errors.values())
     errors = pools(2).run_expecting_errors(failing_step_case)
     assert set(errors) == {0, 1}
-    assert all(e[0] == "RuntimeError" and "rank 1" in e[1] for e in errors.values()), errors
+    assert errors[1][0] == "RuntimeError", errors  # the failing rank: its own error
+    assert errors[0][0] == "RankError" and "rank 1: RuntimeError" in errors[0][1], errors
     errors = pools(2).run_expecting_errors(nonfinite_case)
     assert set(errors) == {0, 1}
     assert all(e[0] == "FloatingPointError" for e in errors.values()), errors

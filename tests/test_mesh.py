@@ -12,15 +12,17 @@ from pyro_sp.mesh import particle_share
 @pytest.mark.parametrize("num_particles", [1, 2, 3, 7, 8, 64, 65])
 @pytest.mark.parametrize("sample", [1, 2, 3, 4, 8])
 def test_particle_share_matches_tensor_split(num_particles, sample):
-    if num_particles < sample:
-        with pytest.raises(ValueError, match=f"num_particles >= {sample}"):
-            particle_share(num_particles, sample, 0)
-        return
     parts = torch.arange(num_particles).tensor_split(sample)
     for i, part in enumerate(parts):
         lo, hi = particle_share(num_particles, sample, i)
         assert part.tolist() == list(range(lo, hi))
-        assert hi > lo
+        assert hi > lo or (num_particles < sample and lo == hi == num_particles)
+
+
+def test_particle_share_rejects_bad_counts():
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="positive integer num_particles"):
+            particle_share(bad, 2, 0)
 
 
 def test_particle_share_rejects_bad_index():

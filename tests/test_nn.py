@@ -185,7 +185,7 @@ def test_regression_with_learned_noise():
     guide = AutoNormal(model)
     x = torch.randn(20, 2)
     y = x.sum(-1)
-    elbo = pyro_sp.DistributedTrace_ELBO(num_particles=3)
+    elbo = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=3)
     assert torch.isfinite(torch.tensor(elbo.loss(model, guide, x, y)))
     out = pyro_sp.DistributedPredictive(model, guide=guide, num_samples=6, parallel=True, return_sites=("mean", "sigma", "y"))(x)
     assert out["mean"].shape == (6, 20) and out["y"].shape == (6, 20)

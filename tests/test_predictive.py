@@ -107,5 +107,30 @@ def failing_predictive():
 
 def test_failure_on_one_rank_is_an_error_everywhere(pools):
     errors = pools(2).run_expecting_errors(failing_predictive)
-    for kind, msg, _ in errors.values():
-        assert kind == "RuntimeError" and "rank 1: ValueError: bad inputs on rank 1" in msg
+    assert errors[1][0] == "ValueError" and "bad inputs on rank 1" in errors[1][1]
+    assert errors[0][0] == "RankError" and "rank 1: ValueError: bad inputs on rank 1" in errors[0][1]
+
+
+def reseeded_predictive():
+    mesh = pyro_sp.SPMesh(sample=tdist.get_world_size())
+    predictive = pyro_sp.DistributedPredictive(model, guide=guide, num_samples=5, parallel=True, mesh=mesh)
+    pyro.set_rng_seed(4)
+    first = predictive(torch.zeros(3))["obs"]
+    second = predictive(torch.zeros(3))["obs"]
+    pyro.set_rng_seed(4)
+    again = pyro_sp.DistributedPredictive(model, guide=guide, num_samples=5, parallel=True, mesh=mesh)(torch.zeros(3))["obs"]
+    return torch.equal(first, again), torch.equal(first, second)
+
+
+def test_set_rng_seed_reproduces_predictions(pools):
+    assert pools(2).run(reseeded_predictive) == [(True, False)] * 2
+
+
+def mismatched_inputs():
+    mesh = pyro_sp.SPMesh(sample=tdist.get_world_size())
+    pyro_sp.DistributedPredictive(model, num_samples=4, mesh=mesh)(torch.full((3,), float(tdist.get_rank())))
+
+
+def test_inputs_must_agree(pools):
+    for kind, msg, _ in pools(2).run_expecting_errors(mismatched_inputs).values():
+        assert kind == "ValueError" and "args[0]" in msg

@@ -71,10 +71,16 @@ def test_wrong_num_particles_is_an_error():
             elbo.loss(model, param_guide, x, y)
 
 
-@pytest.mark.parametrize("lo,hi,n", [(3, 3, 4), (-1, 2, 4), (0, 5, 4)])
+@pytest.mark.parametrize("lo,hi,n", [(3, 2, 4), (-1, 2, 4), (0, 5, 4)])
 def test_bad_share_is_an_error(lo, hi, n):
-    with pytest.raises(ValueError, match="0 <= lo < hi <= num_particles"):
+    with pytest.raises(ValueError, match="0 <= lo <= hi <= num_particles"):
         ShardParticlesMessenger(lo, hi, n)
+
+
+def test_empty_share_evaluates_one_stand_in_particle():
+    m = ShardParticlesMessenger(4, 4, 4)
+    assert (m.empty, m.lo, m.hi) == (True, 3, 4)
+    assert not ShardParticlesMessenger(0, 1, 4).empty
 
 
 def test_subsample_stream_is_independent_of_the_global_rng():

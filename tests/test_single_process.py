@@ -21,7 +21,7 @@ def test_svi_bit_identical(estimator, guide_kind):
     x, y = make_data(0)
     runs = []
     for loss in (
-        dist_cls(num_particles=6),
+        dist_cls(num_particles=6, vectorize_particles=True),
         pyro_cls(num_particles=6, vectorize_particles=True),
     ):
         pyro.clear_param_store()
@@ -39,7 +39,7 @@ def test_svi_bit_identical(estimator, guide_kind):
 
 
 def test_mesh_is_single_process():
-    mesh = pyro_sp.DistributedTrace_ELBO(num_particles=3).mesh
+    mesh = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=3).mesh
     assert (mesh.sample, mesh.data, mesh.rank, mesh.world_size) == (1, 1, 0, 1)
     assert not mesh.is_distributed
     assert mesh.get_optional_group("sample") is None

@@ -37,7 +37,7 @@ def analytic():
 def gradient_estimates(num_particles: int, sample: int, repeats: int):
     mesh = pyro_sp.SPMesh(sample=sample)
     x = X.to(torch.get_default_dtype())
-    elbo = pyro_sp.DistributedTrace_ELBO(num_particles=num_particles, mesh=mesh, seed=2024)
+    elbo = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=num_particles, mesh=mesh)
     out = []
     for _ in range(repeats):
         elbo.loss_and_grads(conjugate_model, conjugate_guide, x)
@@ -72,7 +72,7 @@ def _estimates(name: str, world: int, repeats: int, num_particles: int):
     else:
         kwargs, cls, fns, param = {}, "TraceGraph_ELBO", (tg_model, tg_guide), "p"
     if world:
-        elbo = getattr(pyro_sp, "Distributed" + cls)(num_particles=num_particles, mesh=mesh, seed=7, **kwargs)
+        elbo = getattr(pyro_sp, "Distributed" + cls)(num_particles=num_particles, mesh=mesh, **{"vectorize_particles": True, **kwargs})
     else:
         pyro.set_rng_seed(8)
         elbo = getattr(pyro.infer, cls)(num_particles=num_particles, vectorize_particles=True, **kwargs)

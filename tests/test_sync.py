@@ -38,7 +38,8 @@ def lazy_params_are_broadcast():
     with torch.no_grad():  # a plain guide call shows the unsynchronised value
         pyro.poutine.block(guide)(x, y)
     before = _gather(guide.loc.detach().clone())
-    elbo = pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2))
+    pyro.set_rng_seed(0)  # the ranks of a sample group must agree on the global RNG at the call
+    elbo = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=4, mesh=pyro_sp.SPMesh(sample=2))
     elbo.loss_and_grads(model, guide, x, y)
     after = _gather(_flat_store())
     grads = _gather(guide.loc_unconstrained.grad if hasattr(guide, "loc_unconstrained") else pyro.param("AutoDiagonalNormal.loc").unconstrained().grad)
@@ -68,9 +69,11 @@ def _growing_model(x, y, extra=False):
 
 
 def late_param_is_broadcast_before_its_gradient():
-    torch.manual_seed(tdist.get_rank())
+    # the late parameter is created in a call's own run, from each rank's particle stream:
+    # it differs across ranks until broadcast
+    torch.manual_seed(0)
     x, y = make_data(0)
-    elbo = pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2))
+    elbo = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=4, mesh=pyro_sp.SPMesh(sample=2))
     for _ in range(2):
         elbo.loss_and_grads(_growing_model, _growing_guide, x, y)
     lo, hi = elbo.mesh.particle_share(4)
@@ -103,7 +106,7 @@ def test_late_param_is_broadcast_before_its_gradient(pools):
 
 def only_the_increment_is_reduced():
     x, y = make_data(0)
-    elbo = pyro_sp.DistributedTrace_ELBO(num_particles=6, mesh=pyro_sp.SPMesh(sample=2))
+    elbo = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=6, mesh=pyro_sp.SPMesh(sample=2))
     elbo.loss(model, param_guide, x, y)
     lo, hi = elbo.mesh.particle_share(6)
     p = pyro.param("w_loc").unconstrained()
@@ -150,7 +153,8 @@ def module_path(local_params: bool, data: int):
     regression = BayesianRegression()
     regression.offset.fill_(float(tdist.get_rank()))  # a buffer that differs until synced
     guide = AutoNormal(regression, init_scale=0.3)
-    elbo_fn = pyro_sp.DistributedTrace_ELBO(num_particles=5, mesh=mesh)
+    pyro.set_rng_seed(5)  # a sample group's ranks must agree on the global RNG when they call
+    elbo_fn = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=5, mesh=mesh)
     elbo = elbo_fn(regression, guide)
     elbo(x, y)  # data-dependent initialisation, as in Pyro's docs
     named = sorted(elbo.named_parameters())
@@ -236,7 +240,7 @@ def random_streams():
     pyro.set_rng_seed(0)  # the same global seed on every rank, as users often do
     mesh = pyro_sp.SPMesh(sample=2, data=2)
     x, y = make_data(0)
-    elbo = pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=mesh)
+    elbo = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=4, mesh=mesh)
     guide = make_guide("normal", _recording_model)
 
     def recording_guide(x, y, **kwargs):
@@ -251,7 +255,12 @@ def random_streams():
     for _ in range(3):
         elbo.loss(_recording_model, recording_guide, x, y)
     idx = torch.stack([i.sort().values for i in _SEEN])
-    return mesh.sample_index, mesh.data_index, idx, torch.stack(_DRAWS), torch.equal(rng_before, torch.get_rng_state())
+    # each call takes exactly one key from the global RNG, whatever the rank computed
+    expected = torch.Generator()
+    expected.set_state(rng_before)
+    for _ in range(3):
+        torch.randint(0, 1 << 62, (), dtype=torch.int64, generator=expected)
+    return mesh.sample_index, mesh.data_index, idx, torch.stack(_DRAWS), torch.equal(expected.get_state(), torch.get_rng_state())
 
 
 def test_random_streams(pools):
@@ -266,13 +275,13 @@ def test_random_streams(pools):
     for i in range(4):
         for j in range(i + 1, 4):
             assert not torch.allclose(draws[i], draws[j]), "two ranks drew the same particle noise"
-    assert all(r[4] for r in results), "the estimator advanced the user's global RNG"
+    assert all(r[4] for r in results), "a call did not advance the global RNG by exactly one key"
 
 
 def earlier_gradient_of_a_param_unused_last_call():
     """A parameter used now but not in the previous call keeps its earlier gradient."""
     x, y = make_data(0)
-    elbo = pyro_sp.DistributedTrace_ELBO(num_particles=4, mesh=pyro_sp.SPMesh(sample=2))
+    elbo = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=4, mesh=pyro_sp.SPMesh(sample=2))
     elbo.loss_and_grads(_growing_model, _growing_guide, x, y, extra=True)  # creates and syncs "late"
     late = pyro.param("late").unconstrained()
     lo, hi = elbo.mesh.particle_share(4)

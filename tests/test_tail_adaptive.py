@@ -34,7 +34,7 @@ def tail_case(sample: int, num_particles: int, ranks: str):
     mesh = pyro_sp.SPMesh(sample=sample)
     x = _x(0)
     elbo = pyro_sp.DistributedTraceTailAdaptive_ELBO(
-        num_particles=num_particles, mesh=mesh, ranks=ranks, tail_adaptive_beta=BETA
+        vectorize_particles=True, num_particles=num_particles, mesh=mesh, ranks=ranks, tail_adaptive_beta=BETA
     )
     elbo.loss_and_grads(local_model, local_guide, x)
     state = pyro.get_param_store().get_state()
@@ -53,7 +53,7 @@ def _single_process(state, num_particles, ranks):
         {"params": {n: v.clone().requires_grad_() for n, v in state["params"].items()}, "constraints": state["constraints"]}
     )
     elbo = pyro_sp.DistributedTraceTailAdaptive_ELBO(
-        num_particles=num_particles, ranks=ranks, tail_adaptive_beta=BETA, max_plate_nesting=1
+        vectorize_particles=True, num_particles=num_particles, ranks=ranks, tail_adaptive_beta=BETA, max_plate_nesting=1
     )
     with pinned_noise(num_particles, 0, num_particles), particle_seed(elbo, 5):
         elbo.loss_and_grads(local_model, local_guide, _x(0))

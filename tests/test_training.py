@@ -37,7 +37,7 @@ def train(distributed: bool):
     pyro.set_rng_seed(5)
     guide = AutoNormal(regression, init_scale=0.3)
     loss = (
-        pyro_sp.DistributedTrace_ELBO(num_particles=NUM_PARTICLES, mesh=pyro_sp.SPMesh(sample=2))
+        pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=NUM_PARTICLES, mesh=pyro_sp.SPMesh(sample=2))
         if distributed
         else Trace_ELBO(num_particles=NUM_PARTICLES, vectorize_particles=True)
     )

@@ -108,10 +108,10 @@ def run_training(steps_total: int, checkpoint: str | None, stop_after: int | Non
         from tests.test_estimators import tg_guide, tg_model
 
         model, guide = (lambda x, y: tg_model(y)), (lambda x, y: tg_guide(y))
-        elbo = pyro_sp.DistributedTraceGraph_ELBO(num_particles=7, mesh=mesh, seed=11)
+        elbo = pyro_sp.DistributedTraceGraph_ELBO(vectorize_particles=True, num_particles=7, mesh=mesh)
     else:
         model, guide = _regression, AutoNormal(_regression)
-        elbo = pyro_sp.DistributedTrace_ELBO(num_particles=6, mesh=mesh, seed=11)
+        elbo = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=6, mesh=mesh)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), loss=elbo)
     sampler = ShardedBatchSampler(40, 8, mesh=mesh, seed=2)
     epochs = steps_total // len(sampler)
@@ -155,7 +155,7 @@ def nan_training():
             pyro.sample("y", dist.Normal(w * x[:, 0] * float("nan"), 1.0), obs=y)
 
     pyro.enable_validation(False)
-    svi = SVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 0.1}), loss=pyro_sp.DistributedTrace_ELBO(num_particles=2, mesh=mesh))
+    svi = SVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 0.1}), loss=pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=2, mesh=mesh))
     fit(svi, ShardedBatchSampler(40, 10, mesh=mesh), lambda idx: (X[idx], X[idx, 0]), epochs=1, mesh=mesh, progress=False)
 
 
@@ -187,7 +187,7 @@ ELASTIC_SCRIPT = textwrap.dedent(
             pyro.sample("y", dist.Normal((x * w).sum(-1), 0.5), obs=y)
 
     pyro.set_rng_seed(0)
-    elbo = pyro_sp.DistributedTrace_ELBO(num_particles=6, mesh=mesh, seed=3)
+    elbo = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=6, mesh=mesh)
     svi = SVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 0.05}), loss=elbo)
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
 

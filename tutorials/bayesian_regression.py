@@ -74,7 +74,7 @@ def main(argv=None):
     xs, ys = x[idx], y[idx]
 
     guide = AutoNormal(model, init_scale=0.1)
-    elbo = pyro_sp.DistributedTrace_ELBO(num_particles=args.particles, mesh=mesh, max_plate_nesting=1)
+    elbo = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=args.particles, mesh=mesh, max_plate_nesting=1)
     svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": args.lr, "lrd": 0.999}), loss=elbo)
     if master:
         print(f"{mesh}; {args.particles} particles, {mesh.particle_share(args.particles)} on rank 0")

@@ -111,7 +111,7 @@ def overhead(args) -> dict:
     model, x, y = make_problem(args)
     store = pyro.get_param_store()
     estimators = {
-        "pyro_sp": pyro_sp.DistributedTrace_ELBO(num_particles=args.particles),
+        "pyro_sp": pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=args.particles),
         "pyro": Trace_ELBO(num_particles=args.particles, vectorize_particles=True),
     }
     svis, scopes = {}, {}
@@ -141,7 +141,7 @@ def step(args) -> dict:
     torch.set_num_threads(args.threads)
     mesh = pyro_sp.init_mesh(backend="gloo")  # CPU tensors, also on hosts with GPUs
     model, x, y = make_problem(args)
-    svi = new_svi(model, pyro_sp.DistributedTrace_ELBO(num_particles=args.particles, mesh=mesh))
+    svi = new_svi(model, pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=args.particles, mesh=mesh))
     times = time_steps(svi, x, y, args.warmup, args.steps)
     with record_collectives() as rec:
         timed = time_steps(svi, x, y, 0, args.steps)

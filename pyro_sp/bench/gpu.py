@@ -73,7 +73,7 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
         if variant == "pyro":
             loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
         else:
-            loss = pyro_sp.DistributedTrace_ELBO(num_particles=num_particles, mesh=mesh, seed=0)
+            loss = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=num_particles, mesh=mesh)
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=loss)
         return lambda: svi.step(x, y)
     if variant not in VARIANTS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from pyro_sp.fingerprint import rank_local
 from pyro_sp.mesh import SPMesh, default_mesh
 from pyro_sp.rng import derive_seed
 
@@ -47,7 +48,10 @@ class Augmenter:
     rank's own: every rank of a sample group augments the *same* minibatch
     independently (the practice that cuts the epochs to convergence in
     sampling-parallel training), or identically with ``independent=False``
-    (for comparison). Reproducible from ``seed``.
+    (for comparison). Reproducible from ``seed``. With ``independent=True``
+    the output is marked :func:`~pyro_sp.rank_local`, so the estimators'
+    per-call data check compares only its shape and dtype across the sample
+    group (its values differ on purpose).
 
     :param fn: the transform, e.g. :func:`random_shift_and_noise`.
     :param SPMesh mesh: the process grid.
@@ -58,13 +62,15 @@ class Augmenter:
     def __init__(self, fn=random_shift_and_noise, *, mesh: SPMesh | None = None, seed: int = 0, independent: bool = True):
         self.fn = fn
         self.mesh = default_mesh() if mesh is None else mesh
+        self.independent = independent
         who = self.mesh.sample_index if independent else 0
         self.generator = torch.Generator().manual_seed(
             derive_seed(seed, "augment", self.mesh.data_index, who)
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x, self.generator)
+        out = self.fn(x, self.generator)
+        return rank_local(out) if self.independent and self.mesh.sample > 1 else out
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

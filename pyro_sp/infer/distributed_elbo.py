@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
 
@@ -18,9 +19,10 @@ from pyro_sp.collectives import (
     layout_signature,
     step_check,
 )
+from pyro_sp.fingerprint import data_fingerprint, describe_data
 from pyro_sp.mesh import SPMesh, default_mesh, share_counts
 from pyro_sp.poutine import ShardParticlesMessenger
-from pyro_sp.rng import RNGStream, derive_seed
+from pyro_sp.rng import RNGStream, derive_seed, draw_key, get_global_state, set_global_state
 
 __all__ = ["DistributedELBO"]
 
@@ -29,38 +31,48 @@ _MAX_SETUP_ROUNDS = 3
 
 
 class DistributedELBO:
-    """
+    r"""
     Mixin that turns a linear Pyro ELBO into its sampling-parallel version.
 
     Put it first in the bases: ``class DistributedTrace_ELBO(DistributedELBO,
     Trace_ELBO)``. The Pyro estimator runs unchanged on each rank's share of the
-    vectorized particle plate (see
-    :class:`~pyro_sp.poutine.ShardParticlesMessenger`); this mixin adds the
-    synchronisation that makes the result the single-process estimator.
+    particles (see :class:`~pyro_sp.poutine.ShardParticlesMessenger`); this
+    mixin adds the synchronisation that makes the result the single-process
+    estimator.
 
-    For a linear estimator with particles :math:`z_1, \\dots, z_N` split into
+    For a linear estimator with particles :math:`z_1, \dots, z_N` split into
     ranks' ranges :math:`[lo_r, hi_r)` on the sample axis and :math:`D` data
     groups each with its own minibatch :math:`x_d`,
 
     .. math::
 
-        \\mathcal{L} = \\frac{1}{D} \\sum_{d=1}^{D} \\sum_{r}
-            \\frac{1}{N} \\sum_{k=lo_r}^{hi_r - 1}
-            \\big[\\log q(z_k) - \\log p(x_d, z_k)\\big],
+        \mathcal{L} = \frac{1}{D} \sum_{d=1}^{D} \sum_{r}
+            \frac{1}{N} \sum_{k=lo_r}^{hi_r - 1}
+            \big[\log q(z_k) - \log p(x_d, z_k)\big],
 
     so one all-reduce SUM over the whole world, divided by :math:`D`, gives the
     loss and, applied to gradients, its gradient exactly.
 
     What the mixin does on every call when a process group exists:
 
-    1. runs the estimator with this rank's particles, its own particle-noise
-       stream and the data-subsample stream of its data group;
-    2. one small all-reduce carries the partial losses and a signature of
-       ``num_particles``, mesh and parameter names/shapes: a rank that failed
-       or disagrees makes every rank raise;
+    1. draws one key from the user's global torch RNG (so
+       :func:`pyro.set_rng_seed` reproduces the call and successive calls draw
+       fresh noise, as in Pyro) and runs the estimator with this rank's
+       particles, a particle-noise stream derived from the key and the rank,
+       and a subsample stream derived from the key and the data group;
+    2. one small all-reduce carries the partial losses, a signature of
+       ``num_particles``, mesh and parameter names/shapes, and a fingerprint
+       of the data arguments and the key per data group: a rank that failed,
+       ranks that disagree, or ranks of a sample group that were given
+       different data or hold different RNG states make every rank raise
+       (a failing rank re-raises its own exception, the others raise
+       :class:`~pyro_sp.RankError`);
     3. parameters that no collective has seen yet are broadcast from rank 0,
        with the model's and guide's module buffers, and the call is run again,
-       so no gradient is ever computed from unsynchronised values;
+       so no gradient is ever computed from unsynchronised values. The first
+       call of a model/guide pair is such a *setup round*, run on the user's
+       global RNG exactly as Pyro's estimator would, so lazily created
+       parameters take rank 0's values of Pyro's own initialisation;
     4. gradients of this call only are summed over the world in one flat
        all-reduce per (dtype, device) (name order) and divided by :math:`D`;
        gradients that were already accumulated are kept.
@@ -69,19 +81,22 @@ class DistributedELBO:
     after step 2; a rank that fails there (e.g. out of memory in ``backward``)
     leaves the others waiting until the collective timeout.
 
+    With fewer particles than sample ranks, the ranks without a particle
+    evaluate one stand-in particle (so parameters and collectives stay the
+    same everywhere) and contribute nothing: the result is still exact, but
+    those ranks are idle. Use ``num_particles >= mesh.sample``.
+
     Without a process group the Pyro estimator runs untouched: the result is
     bit-identical to Pyro's.
 
     :param int num_particles: the *global* number of particles :math:`N`
-        (at least the sample axis size).
+        (default: the Pyro estimator's, e.g. 1 for ``Trace_ELBO``, 2 for ``RenyiELBO``).
     :param SPMesh mesh: the process grid; default :func:`~pyro_sp.default_mesh`.
-    :param int seed: seed of the per-rank particle-noise and per-data-group
-        subsample streams; default: rank 0's :func:`torch.initial_seed`, so a
-        :func:`pyro.set_rng_seed` on rank 0 fixes the run.
-    :param bool vectorize_particles: split the vectorized particle plate
-        (default); with ``False`` each rank runs its share of Pyro's sequential
-        particle loop, for models that cannot be vectorized.
-    :param kwargs: the remaining arguments of the Pyro estimator.
+    :param kwargs: the remaining arguments of the Pyro estimator, with Pyro's
+        defaults (``vectorize_particles=False`` included: each rank then runs
+        its share of Pyro's sequential particle loop; pass
+        ``vectorize_particles=True`` where the model broadcasts over a
+        leftmost particle dimension — it is much faster).
 
     References
 
@@ -90,30 +105,28 @@ class DistributedELBO:
         arXiv:2604.04736.
     """
 
-    def __init__(
-        self,
-        num_particles: int = 1,
-        *,
-        mesh: SPMesh | None = None,
-        seed: int | None = None,
-        vectorize_particles: bool = True,
-        **kwargs,
-    ) -> None:
-        self.mesh = default_mesh() if mesh is None else mesh
-        if not isinstance(num_particles, int) or num_particles < self.mesh.sample:
-            raise ValueError(
-                f"Expected num_particles >= {self.mesh.sample} (the sample axis size), got "
-                f"{num_particles!r}. Use more particles or a smaller sample axis."
+    def __init__(self, num_particles: int | None = None, *, mesh: SPMesh | None = None, **kwargs) -> None:
+        if "seed" in kwargs:
+            raise TypeError(
+                "Expected no seed= argument: like Pyro's estimators, pyro_sp's draw their noise "
+                "from the global torch RNG (one key per call). Call pyro.set_rng_seed(s) with the "
+                "same s on every rank instead."
             )
-        super().__init__(
-            num_particles=num_particles, vectorize_particles=vectorize_particles, **kwargs
-        )
-        self.seed = seed
-        self._particle_rng: RNGStream | None = None
-        self._subsample_rng: RNGStream | None = None
+        self.mesh = default_mesh() if mesh is None else mesh
+        if num_particles is not None:  # else the Pyro estimator's own default
+            kwargs["num_particles"] = num_particles
+        super().__init__(**kwargs)
+        n = self.num_particles
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(
+                f"Expected an integer num_particles >= 1, got {n!r}. "
+                "Give the global number of particles."
+            )
         self._synced: dict[int, weakref.ref] = {}
         self._last_params: list[torch.Tensor] = []
-        self._share: tuple[int, int] | None = None  # this rank's particles, during a call
+        self._programs: dict[tuple, tuple] = {}  # model/guide pairs that completed a call
+        self._share: tuple[int, int] | None = None  # particles evaluated here, during a call
+        self._call: _CallShare | None = None  # this rank's share, during a whole call
 
     # ---- the three interfaces ---------------------------------------------------
     def loss(self, model, guide, *args, **kwargs):
@@ -136,43 +149,51 @@ class DistributedELBO:
 
     # ---- checkpointing ----------------------------------------------------------------
     def state_dict(self) -> dict:
-        """This rank's random streams (each rank's differ): save them to resume bit-identically."""
-        streams = self._particle_rng, self._subsample_rng
-        return {
-            "seed": self.seed,
-            "streams": None if streams[0] is None else tuple((r.seed, r.get_state()) for r in streams),
-        }
+        """
+        The estimator's own random state: none. Every call draws its key from
+        the global torch RNG, which a checkpoint saves per rank
+        (:func:`pyro_sp.save_checkpoint`).
+        """
+        return {"version": 2}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore this rank's random streams from :meth:`state_dict`."""
-        self.seed = state["seed"]
-        if state["streams"] is None:
-            self._particle_rng = self._subsample_rng = None
-            return
-        rngs = []
-        for seed, snapshot in state["streams"]:
-            rng = RNGStream(seed)
-            rng.set_state(snapshot)
-            rngs.append(rng)
-        self._particle_rng, self._subsample_rng = rngs
+        """Accept a :meth:`state_dict` (also one written by an earlier version, whose streams are obsolete)."""
 
     # ---- setup --------------------------------------------------------------------
     @property
     def _world(self):
         return self.mesh.get_group("world")
 
-    def _setup_streams(self) -> None:
-        if self._particle_rng is not None:
-            return
-        seed = self.mesh.shared_seed(self.seed)
-        self._particle_rng = RNGStream(derive_seed(seed, "particles", self.mesh.rank))
-        self._subsample_rng = RNGStream(derive_seed(seed, "subsample", self.mesh.data_index))
-
-    def _shard_messenger(self) -> ShardParticlesMessenger:
-        lo, hi = self._share
-        return ShardParticlesMessenger(
-            lo, hi, self.num_particles, subsample_rng=self._subsample_rng
+    def _stream_seeds(self, key: int) -> tuple[int, int]:
+        """
+        Seeds of this rank's particle-noise stream (independent across ranks)
+        and of its data group's subsample stream (shared by a sample group),
+        derived from the call's key.
+        """
+        return (
+            derive_seed(key, "particles", self.mesh.rank),
+            derive_seed(key, "subsample", self.mesh.data_index),
         )
+
+    def _expects_setup(self, model, guide) -> bool:
+        """
+        Whether this call should be a setup round on the user's RNG: the first
+        call of this model/guide pair, or the first after the parameters it
+        used were removed from the param store (``pyro.clear_param_store()``).
+        """
+        record = self._programs.get(_program_key(model, guide))
+        if record is None:
+            return True
+        refs, names = record
+        if any(ref is not None and ref() is not _anchor(f) for ref, f in zip(refs, (model, guide))):
+            return True  # an id reused by a new object
+        return not names.issubset(pyro.get_param_store().keys())
+
+    def _remember_program(self, model, guide) -> None:
+        if len(self._programs) > 64:
+            self._programs.clear()
+        refs = tuple(_weak(_anchor(f)) for f in (model, guide))
+        self._programs[_program_key(model, guide)] = refs, frozenset(pyro.get_param_store().keys())
 
     # ---- hooks for estimator families ------------------------------------------------
     #: ``True`` for estimators whose loss is a sum over particles: the partial
@@ -189,7 +210,8 @@ class DistributedELBO:
         Second phase of a nonlinear estimator, entered by every rank after the
         step check: the collectives that couple the particles (e.g. a gather of
         log-weights over the sample axis) and, for ``loss_and_grads``, the
-        backward pass of the local surrogate.
+        backward pass of the local surrogate. A rank without particles
+        (``self._call.empty``) must contribute no rows and no gradient.
 
         :returns: ``(loss of this data group, result)``.
         """
@@ -226,21 +248,37 @@ class DistributedELBO:
                 return method(model, guide, *args, **kwargs)
             loss, result = self._combine(kind, method(model, guide, *args, **kwargs))
             return result if kind == "differentiable_loss" else loss
-        self._setup_streams()
-        # a setup round (new parameters) rewinds the streams: the call's result is the
-        # same as if the parameters had been synchronised beforehand
-        rng_states = self._particle_rng.get_state(), self._subsample_rng.get_state()
+        entry = get_global_state()
+        key = draw_key()  # the only draw a call takes from the user's RNG
+        after = get_global_state()
+        try:
+            return self._sharded_call(kind, method, model, guide, args, kwargs, key, entry)
+        finally:
+            self._call = None
+            set_global_state(after)  # every rank leaves with the same global RNG state
+
+    def _sharded_call(self, kind, method, model, guide, args, kwargs, key, entry):
+        mesh = self.mesh
+        lo, hi = mesh.particle_share(self.num_particles)
+        self._call = call = _CallShare(lo, hi)
+        fingerprint = data_fingerprint(args, kwargs, extra=(key,), device=mesh.device)
+        particle_seed, subsample_seed = self._stream_seeds(key)
+        setup = self._expects_setup(model, guide)
         local_state = self._local_state()
         for _ in range(_MAX_SETUP_ROUNDS):
-            self._particle_rng.set_state(rng_states[0])
-            self._subsample_rng.set_state(rng_states[1])
             stash = self._stash_grads(model, guide) if kind == "loss_and_grads" else None
             payload, error, params = None, None, {}
-            self._share = self.mesh.particle_share(self.num_particles)
+            if setup:  # Pyro's own randomness: lazy parameters are initialised as Pyro would
+                set_global_state(entry)
+                rng, subsample_rng = contextlib.nullcontext(), None
+            else:
+                rng, subsample_rng = RNGStream(particle_seed), RNGStream(subsample_seed)
+            messenger = ShardParticlesMessenger(
+                lo, hi, self.num_particles, subsample_rng=subsample_rng, shared_subsample=mesh.sample > 1
+            )
+            self._share = messenger.lo, messenger.hi
             try:
-                with self._particle_rng, self._shard_messenger(), poutine.trace(
-                    param_only=True
-                ) as capture:
+                with rng, messenger, poutine.trace(param_only=True) as capture:
                     payload = method(model, guide, *args, **kwargs)
                 params = _collect_params(capture.trace, model, guide, self._is_local_param)
             except Exception as e:  # reported to every rank by step_check
@@ -251,26 +289,40 @@ class DistributedELBO:
             fresh = [n for n in names if not self._is_synced(params[n])]
             layout = {
                 "num_particles": self.num_particles,
-                "mesh": (self.mesh.sample, self.mesh.data),
+                "mesh": (mesh.sample, mesh.data),
                 "params": {n: tuple(params[n].shape) for n in names},
                 "unsynchronised": fresh,  # every rank must agree to broadcast
             }
+            local_loss = 0.0 if error is not None or not self._linear or call.empty else _as_float(payload)
             try:
                 total = step_check(
-                    0.0 if error is not None or not self._linear else _as_float(payload),
+                    local_loss,
                     layout_signature(layout),
                     error,
                     group=self._world,
-                    device=self.mesh.device,
+                    device=mesh.device,
                     describe=lambda: layout,
+                    what=f"{type(self).__name__}.{kind}",
+                    hint=_SHAPE_HINT if self.vectorize_particles else "",
+                    agree=fingerprint,
+                    agree_slot=mesh.data_index,
+                    agree_slots=mesh.data,
+                    describe_agree=lambda: {
+                        "random key of the call (drawn from the global torch RNG)": key,
+                        **describe_data(args, kwargs),
+                    },
                 )
             except Exception:
                 if stash is not None:  # give back the gradients held before the call
                     self._restore_grads(stash, params.values(), reduced=None)
                 raise
-            if not fresh:
+            if fresh:
+                self._broadcast_new([params[n] for n in fresh], model, guide)
+            if not fresh and not setup:
                 break
-            self._broadcast_new([params[n] for n in fresh], model, guide)
+            # a setup round is never the result: run again with the call's own streams,
+            # from the per-rank state the call started with
+            setup = False
             self._restore_local_state(local_state)
             if stash is not None:
                 self._restore_grads(stash, params.values(), reduced=None)
@@ -282,23 +334,28 @@ class DistributedELBO:
             )
         ordered = [params[n] for n in names]
         self._last_params = ordered
+        self._remember_program(model, guide)
         if self._linear:
-            global_loss, result = total / self.mesh.data, payload
+            global_loss, result = total / mesh.data, payload
         else:
             group_loss, result = self._combine(kind, payload)
             global_loss = self._data_mean(group_loss)
         if kind == "loss":
             return global_loss
         if kind == "loss_and_grads":
-            reduced = all_reduce_gradients(
-                ordered, [p.grad for p in ordered], group=self._world, scale=1.0 / self.mesh.data
-            )
+            grads = [None] * len(ordered) if call.empty else [p.grad for p in ordered]
+            reduced = all_reduce_gradients(ordered, grads, group=self._world, scale=1.0 / mesh.data)
             self._restore_grads(stash, ordered, reduced=reduced)
             return global_loss
-        return _SyncGradients.apply(result, global_loss, _GradientSync(self, ordered))
+        if not isinstance(result, torch.Tensor):  # e.g. an empty model: Pyro returns a float
+            return global_loss
+        return _SyncGradients.apply(result, global_loss, _GradientSync(self, ordered, call.empty))
 
     def _gather_particles(self, tensor: torch.Tensor) -> torch.Tensor:
-        """All ``num_particles`` rows of a per-particle tensor, gathered over the sample axis."""
+        """
+        All ``num_particles`` rows of a per-particle tensor, gathered over the
+        sample axis (a rank without particles passes zero rows).
+        """
         if not self.mesh.is_distributed or self.mesh.sample == 1:
             return tensor
         counts = share_counts(self.num_particles, self.mesh.sample)
@@ -379,14 +436,15 @@ class DistributedELBO:
 class _GradientSync:
     """Reduces the gradients of one ``differentiable_loss`` result when its backward pass ends."""
 
-    def __init__(self, elbo: DistributedELBO, params: list[torch.Tensor]) -> None:
-        self.elbo, self.params = elbo, params
+    def __init__(self, elbo: DistributedELBO, params: list[torch.Tensor], empty: bool = False) -> None:
+        self.elbo, self.params, self.empty = elbo, params, empty
 
     def arm(self) -> None:
         stash = _stash(self.params)
 
         def finish() -> None:
-            grads = [p.grad for p in self.params]
+            # a rank without particles ran a stand-in: its gradient is not part of the estimator
+            grads = [None] * len(self.params) if self.empty else [p.grad for p in self.params]
             reduced = all_reduce_gradients(
                 self.params, grads, group=self.elbo._world, scale=1.0 / self.elbo.mesh.data
             )
@@ -407,6 +465,40 @@ class _SyncGradients(torch.autograd.Function):
     def backward(ctx, grad):
         ctx.sync.arm()
         return grad, None, None
+
+
+class _CallShare:
+    """This rank's particles ``[lo, hi)`` during one call; ``empty`` when it holds none."""
+
+    __slots__ = ("lo", "hi", "empty")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi, self.empty = lo, hi, lo == hi
+
+
+_SHAPE_HINT = (
+    "If the failure is a shape error, check that the model and guide broadcast over a leftmost "
+    "particle dimension (vectorize_particles=True needs static, vectorizable structure)."
+)
+
+
+def _weak(obj):
+    """A weak reference to ``obj``, or ``None`` if it cannot have one (then its id is trusted)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return None
+
+
+def _anchor(fn):
+    """The object whose identity stands for ``fn``: a bound method's owner, else ``fn``."""
+    owner = getattr(fn, "__self__", None)
+    return owner if owner is not None and getattr(fn, "__func__", None) is not None else fn
+
+
+def _program_key(model, guide) -> tuple:
+    """Identity of a model/guide pair (bound methods by their owner and function)."""
+    return tuple((id(_anchor(f)), id(getattr(f, "__func__", None))) for f in (model, guide))
 
 
 def _stash(params) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:

@@ -9,7 +9,8 @@ from pyro.infer import Predictive
 
 from pyro_sp.collectives import gather_rows, layout_signature, step_check
 from pyro_sp.mesh import SPMesh, default_mesh, particle_share, share_counts
-from pyro_sp.rng import RNGStream, derive_seed
+from pyro_sp.fingerprint import data_fingerprint, describe_data
+from pyro_sp.rng import RNGStream, derive_seed, draw_key
 
 __all__ = ["DistributedPredictive"]
 
@@ -36,10 +37,14 @@ class DistributedPredictive(torch.nn.Module):
     :param str gather: ``"all"`` (default) gives every rank the whole result;
         ``"rank0"`` gives it to the first rank of the axis group only (the others
         get ``None``), to save memory.
-    :param int seed: seed of the per-rank streams; default rank 0's
-        :func:`torch.initial_seed`. With a process group the caller's global
-        RNG is not advanced; without one this is Pyro's Predictive, on the
-        global RNG.
+    :param int seed: optional seed of fixed per-rank streams that ignore the
+        global RNG. By default (``None``) randomness follows Pyro's semantics,
+        as in the distributed estimators: each call draws one key from the
+        global torch RNG (so :func:`pyro.set_rng_seed` reproduces it and
+        successive calls differ) and every rank derives its own stream from
+        the key. The ranks of an axis group must then hold the same global RNG
+        state and pass the same inputs; a mismatch is a ``ValueError`` on
+        every rank.
 
     Without a process group it is :class:`pyro.infer.Predictive`.
     """
@@ -103,12 +108,21 @@ class DistributedPredictive(torch.nn.Module):
         group = mesh.get_group(self.axis if self.axis == "sample" else "world")
         size, index = dist.get_world_size(group), dist.get_rank(group)
         device = mesh.device
-        if self._rng is None:
-            self._rng = RNGStream(derive_seed(mesh.shared_seed(self.seed), "predictive", mesh.rank))
+        if self.seed is None:  # Pyro's semantics: one key per call from the global RNG
+            key = draw_key()
+            rng = RNGStream(derive_seed(key, "predictive", mesh.rank))
+        else:
+            if self._rng is None:
+                self._rng = RNGStream(derive_seed(mesh.shared_seed(self.seed), "predictive", mesh.rank))
+            key, rng = self.seed, self._rng
+        # the ranks of one group predict for the same inputs: a data group on the
+        # sample axis, everyone on the world axis
+        slot, slots = (mesh.data_index, mesh.data) if self.axis == "sample" else (0, 1)
+        fingerprint = data_fingerprint(args, kwargs, extra=(key,), device=device)
         lo, hi = particle_share(self.num_samples, size, index)
         samples, error = {}, None
         try:
-            with self._rng:
+            with rng:
                 samples = self._local(lo, hi)(*args, **kwargs)
         except Exception as e:  # reported to every rank by step_check
             error = e
@@ -122,6 +136,10 @@ class DistributedPredictive(torch.nn.Module):
             device=device,
             describe=lambda: layout,
             what="DistributedPredictive",
+            agree=fingerprint,
+            agree_slot=slot,
+            agree_slots=slots,
+            describe_agree=lambda: {"random key of the call": key, **describe_data(args, kwargs)},
         )
         counts = share_counts(self.num_samples, size)
         gathered = gather_rows(

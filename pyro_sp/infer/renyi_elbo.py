@@ -95,6 +95,8 @@ class DistributedRenyiELBO(DistributedELBO, RenyiELBO):
 
     def _combine(self, kind, payload):
         elbo_particles, surrogate_particles = payload
+        if self._call is not None and self._call.empty:  # a stand-in particle: no rows, no gradient
+            elbo_particles, surrogate_particles = elbo_particles[:0], surrogate_particles[:0]
         log_weights = (1.0 - self.alpha) * elbo_particles
         all_log_weights = self._gather_particles(log_weights.detach())
         log_mean_weight = torch.logsumexp(all_log_weights, dim=0, keepdim=True) - math.log(

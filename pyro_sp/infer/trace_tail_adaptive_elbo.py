@@ -67,7 +67,7 @@ class DistributedTraceTailAdaptive_ELBO(DistributedELBO, TraceTailAdaptive_ELBO)
 
     _linear = False
 
-    def __init__(self, num_particles: int = 2, *, ranks: str = "pyro", **kwargs) -> None:
+    def __init__(self, num_particles: int | None = None, *, ranks: str = "pyro", **kwargs) -> None:
         if ranks not in RANKS:
             raise ValueError(f"Expected ranks in {RANKS}, got {ranks!r}.")
         super().__init__(num_particles=num_particles, **kwargs)
@@ -97,7 +97,7 @@ class DistributedTraceTailAdaptive_ELBO(DistributedELBO, TraceTailAdaptive_ELBO)
                 "For num_particles==1 TraceTailAdaptive_ELBO uses the same loss function as "
                 "Trace_ELBO. Increase num_particles to get an adaptive f-divergence."
             )
-        lo, hi = self.mesh.particle_share(self.num_particles)
+        lo, hi = self._share if self._share is not None else (0, self.num_particles)
         (model_trace, guide_trace), = self._get_traces(model, guide, args, kwargs)
         log_p, log_q = 0.0, 0.0
         for site in model_trace.nodes.values():
@@ -111,7 +111,9 @@ class DistributedTraceTailAdaptive_ELBO(DistributedELBO, TraceTailAdaptive_ELBO)
         return log_p - log_q
 
     def _combine(self, kind, log_pq):
-        lo, hi = self.mesh.particle_share(self.num_particles)
+        if self._call is not None and self._call.empty:  # a stand-in particle: no rows, no gradient
+            log_pq = log_pq[:0]
+        lo, hi = (self._call.lo, self._call.hi) if self._call is not None else (0, self.num_particles)
         gamma = tail_adaptive_weights(
             self._gather_particles(log_pq.detach()), self.tail_adaptive_beta, self.ranks
         )

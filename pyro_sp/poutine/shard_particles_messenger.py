@@ -34,6 +34,11 @@ class ShardParticlesMessenger(Messenger):
     Divided by the global :math:`N` (as every linear ELBO does), the shares of
     all ranks add up to the single-process estimator exactly.
 
+    A rank with no particles (``lo == hi``, when ``num_particles`` is smaller
+    than the sample axis) evaluates one stand-in particle, so that it creates
+    the same parameters and runs the same collectives as the others; the
+    distributed ELBO discards that rank's loss and gradients.
+
     Optionally it also draws the indices of every *other* randomly subsampled
     plate from ``subsample_rng``, a stream that all ranks of a sample group
     share, so that they see the same data subsample while their particle noise
@@ -45,6 +50,9 @@ class ShardParticlesMessenger(Messenger):
         particle plate must have this size.
     :param subsample_rng: optional :class:`~pyro_sp.rng.RNGStream` for the
         indices of data-plate subsampling.
+    :param bool shared_subsample: whether those indices must agree across
+        the sample group (default: whether ``subsample_rng`` is given); a
+        JIT-compiled ELBO cannot share them and is refused.
     :param str name: name of the particle plate.
     """
 
@@ -55,16 +63,22 @@ class ShardParticlesMessenger(Messenger):
         num_particles: int,
         *,
         subsample_rng: RNGStream | None = None,
+        shared_subsample: bool | None = None,
         name: str = PARTICLE_PLATE,
     ) -> None:
-        if not 0 <= lo < hi <= num_particles:
+        if not 0 <= lo <= hi <= num_particles or num_particles < 1:
             raise ValueError(
-                f"Expected 0 <= lo < hi <= num_particles, got lo={lo}, hi={hi}, "
+                f"Expected 0 <= lo <= hi <= num_particles, got lo={lo}, hi={hi}, "
                 f"num_particles={num_particles}."
             )
         super().__init__()
+        self.empty = lo == hi
+        if self.empty:  # one stand-in particle
+            lo = min(lo, num_particles - 1)
+            hi = lo + 1
         self.lo, self.hi, self.num_particles = lo, hi, num_particles
         self.subsample_rng = subsample_rng
+        self.shared_subsample = subsample_rng is not None if shared_subsample is None else shared_subsample
         self.name = name
         self._unscale = (hi - lo) / num_particles
 
@@ -81,7 +95,7 @@ class ShardParticlesMessenger(Messenger):
                 )
             msg["value"] = torch.arange(self.lo, self.hi, device=fn.device)
         elif (
-            self.subsample_rng is not None
+            self.shared_subsample
             and fn.subsample_size is not None
             and fn.subsample_size < fn.size
         ):
@@ -92,8 +106,9 @@ class ShardParticlesMessenger(Messenger):
                     "draw different indices on each rank. Pass subsample= indices to the "
                     "plate, or use the non-JIT estimator."
                 )
-            with self.subsample_rng:
-                msg["value"] = fn.sample()
+            if self.subsample_rng is not None:
+                with self.subsample_rng:
+                    msg["value"] = fn.sample()
 
     def _process_message(self, msg: Message) -> None:
         super()._process_message(msg)
