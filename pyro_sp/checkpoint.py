@@ -97,6 +97,11 @@ def load_checkpoint(path: str, *, mesh: SPMesh, optim=None, elbo=None, rank_obje
     Parameters go to this rank's device (its CUDA device under NCCL); each
     rank gets back its own random state and per-rank parameters.
 
+    In a loop of your own, call :func:`pyro_sp.train.prime` on the first
+    batch after loading (as :func:`~pyro_sp.train.fit` does): a fresh
+    autoguide or estimator draws from the global RNG when it sets itself up,
+    which the uninterrupted run did before the checkpoint.
+
     :returns: ``{"step", "epoch", "extra"}`` of the checkpoint.
     :raises ValueError: if the mesh differs from the one that wrote it.
     """

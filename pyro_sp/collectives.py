@@ -95,6 +95,10 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], *, group, src: int = 0) -
     Overwrite ``tensors`` in place with rank ``src``'s values: one broadcast of
     a flat buffer per (dtype, device).
 
+    Rank ``src`` writes nothing, and the others write through ``.data``: no
+    version counter moves, so autograd graphs that the caller built from these
+    tensors before stay usable (on ``src`` they are exactly as they were).
+
     :param tensors: the same tensors, in the same order, on every rank.
     :param group: process group, or ``None`` for a no-op.
     :param int src: global rank that holds the values to keep.
@@ -106,8 +110,10 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], *, group, src: int = 0) -
             part = [tensors[i] for i in idx]
             flat = _flatten_dense_tensors([t.detach() for t in part])
             _run("broadcast", dist.broadcast, flat, src=src, group=group)
+            if dist.get_rank() == src:
+                continue
             for t, v in zip(part, _unflatten_dense_tensors(flat, part)):
-                t.copy_(v)
+                t.data.copy_(v)
 
 
 def all_reduce_gradients(

@@ -7,12 +7,17 @@ successive calls draw fresh noise and that a new estimator does not replay an
 old one's. pyro_sp keeps that promise at every world size:
 
 - each distributed call draws one 62-bit **key** from the global CPU
-  generator (:func:`draw_key`): the global RNG advances by exactly that draw
-  on every rank, whatever the rank computed, so ranks that were in agreement
-  stay in agreement;
-- from the key, :func:`derive_seed` makes the seeds of the call's streams:
-  particle noise per rank (independent across ranks), subsample indices per
-  data group (identical within a sample group);
+  generator (:func:`draw_key`);
+- global rank 0 draws its particles from the global generators exactly as
+  Pyro's estimator would (from the state at entry, so a call on one particle
+  reproduces Pyro's noise and Pyro's lazy initialisation);
+- from the key, :func:`derive_seed` makes the seeds of the other streams:
+  particle noise of every other rank (independent across ranks), subsample
+  indices per data group (identical within a sample group);
+- on exit, :func:`reseed_global` reseeds the global generators from the key
+  on every rank, whatever each rank computed: ranks that were in agreement
+  stay in agreement, and the next call's noise on rank 0 cannot overlap this
+  call's (a fixed offset from the entry state would replay it shifted);
 - an :class:`RNGStream` installs such a seed as the global state inside
   ``with stream:`` and puts the caller's state back on exit.
 
@@ -26,7 +31,14 @@ import hashlib
 
 import torch
 
-__all__ = ["RNGStream", "derive_seed", "draw_key", "get_global_state", "set_global_state"]
+__all__ = [
+    "RNGStream",
+    "derive_seed",
+    "draw_key",
+    "get_global_state",
+    "reseed_global",
+    "set_global_state",
+]
 
 
 def derive_seed(seed: int, *keys) -> int:
@@ -42,6 +54,19 @@ KEY_BITS = 62
 def draw_key() -> int:
     """One key drawn from the global CPU generator (advances it by one draw)."""
     return int(torch.randint(0, 1 << KEY_BITS, (), dtype=torch.int64).item())
+
+
+def reseed_global(key: int) -> None:
+    """
+    Reseed the global generators (CPU and, once CUDA is in use, the current
+    device) from ``derive_seed(key, "global")``: where every distributed call
+    leaves the user's RNG.
+    """
+    seed = derive_seed(key, "global")
+    torch.default_generator.manual_seed(seed)
+    device = _cuda_device()
+    if device is not None:
+        torch.cuda.default_generators[device].manual_seed(seed)
 
 
 def _cuda_device() -> int | None:

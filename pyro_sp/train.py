@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from pyro import poutine
 from tqdm import tqdm
 
 from pyro_sp.checkpoint import load_checkpoint, save_checkpoint
@@ -72,6 +73,12 @@ def fit(
     (parameters, optimizer, step, epoch, position in the epoch, every rank's
     random streams), continuing exactly where it stopped.
 
+    On resume, what Pyro sets up lazily on a first call and draws from the
+    global RNG for (an autoguide's prototype, the estimator's
+    ``max_plate_nesting`` guess) is set up on the first batch outside the
+    restored random state (:func:`prime`): the uninterrupted run did it
+    before the checkpoint, not after.
+
     A non-finite loss stops every rank (the loss is the same on all of them)
     with :class:`FloatingPointError` naming the step.
 
@@ -95,13 +102,18 @@ def fit(
     bar = tqdm(total=total, initial=step, disable=not progress or mesh.rank != 0, desc="SVI", unit="step")
     loss, start = float("nan"), time.perf_counter()
     done = step
+    primed = not resume
     while step < total:
         epoch, offset = divmod(step, per_epoch)
         sampler.set_epoch(epoch)
         for i, idx in enumerate(sampler):
             if i < offset:
                 continue
-            loss = svi.step(*batch(idx))
+            args = batch(idx)
+            if not primed:
+                prime(svi.model, svi.guide, args, elbo=elbo)
+                primed = True
+            loss = svi.step(*args)
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"The loss is {loss} at step {step} (epoch {epoch}); every rank stops here. "
@@ -122,3 +134,22 @@ def fit(
     if checkpoint:
         save_checkpoint(checkpoint, mesh=mesh, step=step, epoch=epochs, optim=svi.optim, elbo=elbo, rank_objects=rank_objects)
     return {"step": step, "loss": loss, "seconds": time.perf_counter() - start, "resumed_from": resumed_from}
+
+
+def prime(model: Callable, guide: Callable, args: tuple, kwargs: dict | None = None, *, elbo=None) -> None:
+    """
+    Set up what Pyro builds lazily on a first call, without moving the
+    global random state: the estimator's ``max_plate_nesting`` guess (Pyro
+    runs the model and guide for it when it was not given) and a lazily built
+    guide (an autoguide runs the model to build its prototype). Both draw
+    from the global RNG; here they run blocked, without gradients and on a
+    forked RNG. Used after a checkpoint's random state is restored, so the
+    resumed run draws exactly what the uninterrupted one did.
+    """
+    kwargs = kwargs or {}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        if elbo is not None and getattr(elbo, "max_plate_nesting", None) == float("inf"):
+            elbo._guess_max_plate_nesting(model, guide, args, kwargs)  # Pyro's own guess, blocked
+        with poutine.block():
+            guide(*args, **kwargs)

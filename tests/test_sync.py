@@ -15,6 +15,7 @@ from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from pyro.nn import PyroModule, PyroParam, PyroSample
 
 import pyro_sp
+from pyro_sp.rng import derive_seed
 from tests.common import assert_close, particle_seed, pinned_noise
 from tests.models import NUM_DATA, make_data, make_guide, model, param_guide
 
@@ -255,11 +256,13 @@ def random_streams():
     for _ in range(3):
         elbo.loss(_recording_model, recording_guide, x, y)
     idx = torch.stack([i.sort().values for i in _SEEN])
-    # each call takes exactly one key from the global RNG, whatever the rank computed
+    # each call takes one key from the global RNG and leaves it reseeded from the key,
+    # whatever the rank computed
     expected = torch.Generator()
     expected.set_state(rng_before)
     for _ in range(3):
-        torch.randint(0, 1 << 62, (), dtype=torch.int64, generator=expected)
+        key = int(torch.randint(0, 1 << 62, (), dtype=torch.int64, generator=expected))
+        expected.manual_seed(derive_seed(key, "global"))
     return mesh.sample_index, mesh.data_index, idx, torch.stack(_DRAWS), torch.equal(expected.get_state(), torch.get_rng_state())
 
 
@@ -275,7 +278,13 @@ def test_random_streams(pools):
     for i in range(4):
         for j in range(i + 1, 4):
             assert not torch.allclose(draws[i], draws[j]), "two ranks drew the same particle noise"
-    assert all(r[4] for r in results), "a call did not advance the global RNG by exactly one key"
+    assert all(r[4] for r in results), "a call did not leave the global RNG reseeded from its key"
+    # rank 0 draws from the global stream: successive calls must not replay it shifted
+    calls = by_coord[(0, 0)][1]
+    values = [set(c.flatten().tolist()) for c in calls]
+    for i in range(len(values)):
+        for j in range(i + 1, len(values)):
+            assert not values[i] & values[j], "rank 0 replayed noise of an earlier call"
 
 
 def earlier_gradient_of_a_param_unused_last_call():

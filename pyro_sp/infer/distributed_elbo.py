@@ -22,7 +22,7 @@ from pyro_sp.collectives import (
 from pyro_sp.fingerprint import data_fingerprint, describe_data
 from pyro_sp.mesh import SPMesh, default_mesh, share_counts
 from pyro_sp.poutine import ShardParticlesMessenger
-from pyro_sp.rng import RNGStream, derive_seed, draw_key, get_global_state, set_global_state
+from pyro_sp.rng import RNGStream, derive_seed, draw_key, get_global_state, reseed_global, set_global_state
 
 __all__ = ["DistributedELBO"]
 
@@ -55,11 +55,14 @@ class DistributedELBO:
 
     What the mixin does on every call when a process group exists:
 
-    1. draws one key from the user's global torch RNG (so
-       :func:`pyro.set_rng_seed` reproduces the call and successive calls draw
-       fresh noise, as in Pyro) and runs the estimator with this rank's
-       particles, a particle-noise stream derived from the key and the rank,
-       and a subsample stream derived from the key and the data group;
+    1. draws one key from the user's global torch RNG. Rank 0 draws its
+       particles from the global RNG as it was at entry, exactly as Pyro's
+       estimator would (so :func:`pyro.set_rng_seed` reproduces the call,
+       and lazily created parameters take Pyro's initial values); every
+       other rank uses a particle-noise stream derived from the key and its
+       rank, and every rank a subsample stream derived from the key and its
+       data group. On exit the global RNG of every rank is reseeded from the
+       key, so successive calls draw fresh noise;
     2. one small all-reduce carries the partial losses, a signature of
        ``num_particles``, mesh and parameter names/shapes, and a fingerprint
        of the data arguments and the key per data group: a rank that failed,
@@ -68,14 +71,17 @@ class DistributedELBO:
        (a failing rank re-raises its own exception, the others raise
        :class:`~pyro_sp.RankError`);
     3. parameters that no collective has seen yet are broadcast from rank 0,
-       with the model's and guide's module buffers, and the call is run again,
-       so no gradient is ever computed from unsynchronised values. The first
-       call of a model/guide pair is such a *setup round*, run on the user's
-       global RNG exactly as Pyro's estimator would, so lazily created
-       parameters take rank 0's values of Pyro's own initialisation;
+       with the model's and guide's module buffers; rank 0's run stands (its
+       values did not change) and the other ranks run the call again with
+       the same streams, so no gradient is ever computed from
+       unsynchronised values;
     4. gradients of this call only are summed over the world in one flat
        all-reduce per (dtype, device) (name order) and divided by :math:`D`;
-       gradients that were already accumulated are kept.
+       gradients that were already accumulated are kept. For
+       ``differentiable_loss`` the local backward runs inside the call and
+       the result carries the reduced gradient, so ``.backward()`` and
+       ``torch.autograd.grad`` both give the global gradient (first
+       derivatives only) and need no collective.
 
     Nonlinear estimators (Renyi, tail-adaptive) gather over the sample axis
     after step 2; a rank that fails there (e.g. out of memory in ``backward``)
@@ -124,7 +130,6 @@ class DistributedELBO:
             )
         self._synced: dict[int, weakref.ref] = {}
         self._last_params: list[torch.Tensor] = []
-        self._programs: dict[tuple, tuple] = {}  # model/guide pairs that completed a call
         self._share: tuple[int, int] | None = None  # particles evaluated here, during a call
         self._call: _CallShare | None = None  # this rank's share, during a whole call
 
@@ -139,9 +144,9 @@ class DistributedELBO:
 
     def differentiable_loss(self, model, guide, *args, **kwargs):
         """
-        A tensor whose value is the global loss and whose ``.backward()`` adds
-        the global gradient to ``.grad`` on every rank (all ranks must call
-        ``backward``).
+        A tensor whose value is the global loss and whose gradient is the
+        global gradient, for ``.backward()`` and ``torch.autograd.grad`` alike
+        (computed and reduced inside the call; first derivatives only).
         """
         return self._sharded(
             "differentiable_loss", super().differentiable_loss, model, guide, args, kwargs
@@ -164,36 +169,15 @@ class DistributedELBO:
     def _world(self):
         return self.mesh.get_group("world")
 
-    def _stream_seeds(self, key: int) -> tuple[int, int]:
+    def _stream_seeds(self, key: int) -> tuple[int | None, int]:
         """
-        Seeds of this rank's particle-noise stream (independent across ranks)
-        and of its data group's subsample stream (shared by a sample group),
-        derived from the call's key.
+        Seeds of this rank's particle-noise stream and of its data group's
+        subsample stream (shared by a sample group), derived from the call's
+        key. Rank 0's particle seed is ``None``: it draws from the user's
+        global RNG as it was at entry, exactly as Pyro's estimator would.
         """
-        return (
-            derive_seed(key, "particles", self.mesh.rank),
-            derive_seed(key, "subsample", self.mesh.data_index),
-        )
-
-    def _expects_setup(self, model, guide) -> bool:
-        """
-        Whether this call should be a setup round on the user's RNG: the first
-        call of this model/guide pair, or the first after the parameters it
-        used were removed from the param store (``pyro.clear_param_store()``).
-        """
-        record = self._programs.get(_program_key(model, guide))
-        if record is None:
-            return True
-        refs, names = record
-        if any(ref is not None and ref() is not _anchor(f) for ref, f in zip(refs, (model, guide))):
-            return True  # an id reused by a new object
-        return not names.issubset(pyro.get_param_store().keys())
-
-    def _remember_program(self, model, guide) -> None:
-        if len(self._programs) > 64:
-            self._programs.clear()
-        refs = tuple(_weak(_anchor(f)) for f in (model, guide))
-        self._programs[_program_key(model, guide)] = refs, frozenset(pyro.get_param_store().keys())
+        particles = None if self.mesh.rank == 0 else derive_seed(key, "particles", self.mesh.rank)
+        return particles, derive_seed(key, "subsample", self.mesh.data_index)
 
     # ---- hooks for estimator families ------------------------------------------------
     #: ``True`` for estimators whose loss is a sum over particles: the partial
@@ -249,13 +233,12 @@ class DistributedELBO:
             loss, result = self._combine(kind, method(model, guide, *args, **kwargs))
             return result if kind == "differentiable_loss" else loss
         entry = get_global_state()
-        key = draw_key()  # the only draw a call takes from the user's RNG
-        after = get_global_state()
+        key = draw_key()  # the call's key; rank 0's particles start from ``entry``, as in Pyro
         try:
             return self._sharded_call(kind, method, model, guide, args, kwargs, key, entry)
         finally:
             self._call = None
-            set_global_state(after)  # every rank leaves with the same global RNG state
+            reseed_global(key)  # every rank leaves with the same global RNG state
 
     def _sharded_call(self, kind, method, model, guide, args, kwargs, key, entry):
         mesh = self.mesh
@@ -263,28 +246,39 @@ class DistributedELBO:
         self._call = call = _CallShare(lo, hi)
         fingerprint = data_fingerprint(args, kwargs, extra=(key,), device=mesh.device)
         particle_seed, subsample_seed = self._stream_seeds(key)
-        setup = self._expects_setup(model, guide)
         local_state = self._local_state()
-        for _ in range(_MAX_SETUP_ROUNDS):
-            stash = self._stash_grads(model, guide) if kind == "loss_and_grads" else None
-            payload, error, params = None, None, {}
-            if setup:  # Pyro's own randomness: lazy parameters are initialised as Pyro would
-                set_global_state(entry)
-                rng, subsample_rng = contextlib.nullcontext(), None
-            else:
-                rng, subsample_rng = RNGStream(particle_seed), RNGStream(subsample_seed)
-            messenger = ShardParticlesMessenger(
-                lo, hi, self.num_particles, subsample_rng=subsample_rng, shared_subsample=mesh.sample > 1
-            )
-            self._share = messenger.lo, messenger.hi
-            try:
-                with rng, messenger, poutine.trace(param_only=True) as capture:
-                    payload = method(model, guide, *args, **kwargs)
-                params = _collect_params(capture.trace, model, guide, self._is_local_param)
-            except Exception as e:  # reported to every rank by step_check
-                error = e
-            finally:
-                self._share = None
+        differentiable = kind == "differentiable_loss"
+        # Rank 0 is the source of every broadcast: its values never change, so its
+        # first run is always its result. The others run again after a broadcast.
+        for first in (True, False):
+            if first or mesh.rank != 0:
+                stash = self._stash_grads(model, guide) if kind == "loss_and_grads" else None
+                payload, error, params, leaves, grads = None, None, {}, [], None
+                if particle_seed is None:  # Pyro's own stream, from the state at entry
+                    set_global_state(entry)
+                    rng = contextlib.nullcontext()
+                else:
+                    rng = RNGStream(particle_seed)
+                messenger = ShardParticlesMessenger(
+                    lo,
+                    hi,
+                    self.num_particles,
+                    subsample_rng=RNGStream(subsample_seed),
+                    shared_subsample=mesh.sample > 1,
+                )
+                self._share = messenger.lo, messenger.hi
+                try:
+                    with rng, messenger, poutine.trace(param_only=True) as capture:
+                        payload = method(model, guide, *args, **kwargs)
+                    params = _collect_params(capture.trace, model, guide, self._is_local_param)
+                    if differentiable and getattr(payload, "requires_grad", False):
+                        leaves = _graph_leaves(payload, [params[n] for n in sorted(params)])
+                        if self._linear:  # the local backward, inside the guard
+                            grads = torch.autograd.grad(payload, leaves, allow_unused=True)
+                except Exception as e:  # reported to every rank by step_check
+                    error = e
+                finally:
+                    self._share = None
             names = sorted(params)
             fresh = [n for n in names if not self._is_synced(params[n])]
             layout = {
@@ -293,6 +287,8 @@ class DistributedELBO:
                 "params": {n: tuple(params[n].shape) for n in names},
                 "unsynchronised": fresh,  # every rank must agree to broadcast
             }
+            if differentiable:  # tensors the result is differentiated by (params first)
+                layout["leaves"] = [tuple(t.shape) for t in leaves]
             local_loss = 0.0 if error is not None or not self._linear or call.empty else _as_float(payload)
             try:
                 total = step_check(
@@ -316,25 +312,18 @@ class DistributedELBO:
                 if stash is not None:  # give back the gradients held before the call
                     self._restore_grads(stash, params.values(), reduced=None)
                 raise
-            if fresh:
-                self._broadcast_new([params[n] for n in fresh], model, guide)
-            if not fresh and not setup:
+            if not fresh:
                 break
-            # a setup round is never the result: run again with the call's own streams,
-            # from the per-rank state the call started with
-            setup = False
-            self._restore_local_state(local_state)
-            if stash is not None:
-                self._restore_grads(stash, params.values(), reduced=None)
-        else:
-            raise RuntimeError(
-                f"New parameters kept appearing in {_MAX_SETUP_ROUNDS} consecutive runs of "
-                "the same call; pyro_sp needs the parameter set of a call to be stable "
-                "once created."
-            )
+            # After a broadcast the second pass sees no fresh parameter (or the step
+            # check fails on every rank): rank 0 reuses its run, the others run again
+            # from the per-rank state the call started with.
+            self._broadcast_new([params[n] for n in fresh], model, guide)
+            if mesh.rank != 0:
+                self._restore_local_state(local_state)
+                if stash is not None:
+                    self._restore_grads(stash, params.values(), reduced=None)
         ordered = [params[n] for n in names]
         self._last_params = ordered
-        self._remember_program(model, guide)
         if self._linear:
             global_loss, result = total / mesh.data, payload
         else:
@@ -349,7 +338,15 @@ class DistributedELBO:
             return global_loss
         if not isinstance(result, torch.Tensor):  # e.g. an empty model: Pyro returns a float
             return global_loss
-        return _SyncGradients.apply(result, global_loss, _GradientSync(self, ordered, call.empty))
+        value = torch.full_like(result.detach(), global_loss)
+        if not leaves:
+            return value
+        if grads is None:  # a nonlinear estimator's surrogate, formed after the gather
+            grads = torch.autograd.grad(result, leaves, allow_unused=True)
+        if call.empty:  # a stand-in particle: its gradient is not part of the estimator
+            grads = [None] * len(leaves)
+        reduced = all_reduce_gradients(leaves, list(grads), group=self._world, scale=1.0 / mesh.data)
+        return _ReducedGradient.apply(value, reduced, *leaves)
 
     def _gather_particles(self, tensor: torch.Tensor) -> torch.Tensor:
         """
@@ -433,38 +430,23 @@ class DistributedELBO:
             p.grad = before
 
 
-class _GradientSync:
-    """Reduces the gradients of one ``differentiable_loss`` result when its backward pass ends."""
-
-    def __init__(self, elbo: DistributedELBO, params: list[torch.Tensor], empty: bool = False) -> None:
-        self.elbo, self.params, self.empty = elbo, params, empty
-
-    def arm(self) -> None:
-        stash = _stash(self.params)
-
-        def finish() -> None:
-            # a rank without particles ran a stand-in: its gradient is not part of the estimator
-            grads = [None] * len(self.params) if self.empty else [p.grad for p in self.params]
-            reduced = all_reduce_gradients(
-                self.params, grads, group=self.elbo._world, scale=1.0 / self.elbo.mesh.data
-            )
-            self.elbo._restore_grads(stash, self.params, reduced=reduced)
-
-        torch.autograd.Variable._execution_engine.queue_callback(finish)
-
-
-class _SyncGradients(torch.autograd.Function):
-    """Identity on the gradient path whose value is the global loss; its backward arms the reduction."""
+class _ReducedGradient(torch.autograd.Function):
+    r"""
+    The global loss as a tensor whose gradient with respect to ``leaves`` is
+    the reduced gradient :math:`g` (computed in the call): ``backward`` gives
+    ``grad_output * g`` to each leaf, so ``loss.backward()`` and
+    ``torch.autograd.grad(loss, leaves)`` both see the estimator's gradient,
+    and the user's backward needs no collective. First derivatives only.
+    """
 
     @staticmethod
-    def forward(ctx, local, global_value, sync):
-        ctx.sync = sync
-        return torch.full_like(local, global_value)
+    def forward(ctx, value, grads, *leaves):
+        ctx.grads = grads
+        return value.clone()
 
     @staticmethod
-    def backward(ctx, grad):
-        ctx.sync.arm()
-        return grad, None, None
+    def backward(ctx, grad_output):
+        return (None, None, *(None if g is None else grad_output * g for g in ctx.grads))
 
 
 class _CallShare:
@@ -482,23 +464,28 @@ _SHAPE_HINT = (
 )
 
 
-def _weak(obj):
-    """A weak reference to ``obj``, or ``None`` if it cannot have one (then its id is trusted)."""
-    try:
-        return weakref.ref(obj)
-    except TypeError:
-        return None
-
-
-def _anchor(fn):
-    """The object whose identity stands for ``fn``: a bound method's owner, else ``fn``."""
-    owner = getattr(fn, "__self__", None)
-    return owner if owner is not None and getattr(fn, "__func__", None) is not None else fn
-
-
-def _program_key(model, guide) -> tuple:
-    """Identity of a model/guide pair (bound methods by their owner and function)."""
-    return tuple((id(_anchor(f)), id(getattr(f, "__func__", None))) for f in (model, guide))
+def _graph_leaves(tensor: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """
+    The leaf tensors that ``tensor`` can be differentiated by: ``params`` (in
+    their order) that it uses, then any other leaf requiring grad (e.g. a
+    tensor closed over by the model), in the order a depth-first walk of the
+    autograd graph finds them.
+    """
+    found: dict[int, torch.Tensor] = {}
+    seen: set = set()
+    stack = [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            found.setdefault(id(variable), variable)
+        stack.extend(reversed([n for n, _ in node.next_functions]))
+    ordered = [p for p in params if id(p) in found]
+    known = {id(p) for p in ordered}
+    return ordered + [t for i, t in found.items() if i not in known]
 
 
 def _stash(params) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:

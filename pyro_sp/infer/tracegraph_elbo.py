@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 from __future__ import annotations
 
+import torch
 from pyro.infer import JitTraceGraph_ELBO, TraceGraph_ELBO
 from pyro.util import warn_if_nan
 
@@ -32,8 +33,10 @@ class _TraceGraphMixin(DistributedELBO):
 
     def _local_differentiable_loss(self, model, guide, *args, **kwargs):
         elbo, surrogate_loss = self._loss_and_surrogate_loss(model, guide, args, kwargs)
-        loss = -elbo.detach()
+        loss = -(elbo.detach() if isinstance(elbo, torch.Tensor) else elbo)
         warn_if_nan(loss, "loss")
+        if not isinstance(surrogate_loss, torch.Tensor):  # no sample site: Pyro's float
+            return loss
         return loss + (surrogate_loss - surrogate_loss.detach())
 
 
