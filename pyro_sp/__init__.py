@@ -10,6 +10,7 @@ from pyro_sp.checkpoint import load_checkpoint, save_checkpoint
 from pyro_sp.collectives import record_collectives
 from pyro_sp.errors import RankError
 from pyro_sp.fingerprint import rank_local
+from pyro_sp.forecast import DistributedForecaster
 from pyro_sp.infer import (
     DistributedELBO,
     DistributedJitTrace_ELBO,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DistributedELBO",
+    "DistributedForecaster",
     "DistributedJitTraceEnum_ELBO",
     "DistributedJitTraceGraph_ELBO",
     "DistributedJitTraceMeanField_ELBO",

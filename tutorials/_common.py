@@ -1,0 +1,80 @@
+# SPDX-License-Identifier: Apache-2.0
+"""What every tutorial shares: its settings, rank-0 printing, results and figures.
+
+Settings come from environment variables, so a tutorial runs the same as a
+script, under ``torchrun`` and as a notebook (jupytext):
+
+- ``PYRO_SP_TUTORIAL_SMOKE=1``: a tiny setting (seconds), used by the tests;
+- ``PYRO_SP_TUTORIAL_SEED``: the seed given to ``pyro.set_rng_seed`` on every rank (default 0);
+- ``PYRO_SP_TUTORIAL_OUT``: where results (``<name>.json``) and figures go
+  (default ``tutorials/figures``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.distributed as tdist
+
+SMOKE = os.environ.get("PYRO_SP_TUTORIAL_SMOKE", "0") == "1"
+SEED = int(os.environ.get("PYRO_SP_TUTORIAL_SEED", "0"))
+OUT = os.environ.get("PYRO_SP_TUTORIAL_OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
+
+
+def steps(full: int, smoke: int) -> int:
+    """The number of steps (or epochs, samples, ...) of this run."""
+    return smoke if SMOKE else full
+
+
+def is_main() -> bool:
+    return not tdist.is_initialized() or tdist.get_rank() == 0
+
+
+def say(*args, **kwargs) -> None:
+    """``print`` on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+class Clock:
+    """Wall time since construction, in seconds."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def report(name: str, **values) -> dict:
+    """Write ``OUT/<name>.json`` on rank 0 (the run's settings and ``values``) and print it."""
+    world = tdist.get_world_size() if tdist.is_initialized() else 1
+    record = {"tutorial": name, "world_size": world, "seed": SEED, "smoke": SMOKE, **values}
+    if is_main():
+        os.makedirs(OUT, exist_ok=True)
+        suffix = f"-w{world}-s{SEED}" + ("-smoke" if SMOKE else "")
+        with open(os.path.join(OUT, f"{name}{suffix}.json"), "w") as f:
+            json.dump(record, f, indent=1, default=float)
+        print(json.dumps(record, default=float), flush=True)
+    return record
+
+
+def savefig(fig, name: str) -> None:
+    """Save a matplotlib figure as ``OUT/<name>.png`` on rank 0."""
+    if is_main():
+        os.makedirs(OUT, exist_ok=True)
+        fig.savefig(os.path.join(OUT, f"{name}.png"), dpi=110, bbox_inches="tight")
+
+
+def finish() -> None:
+    """End the process group, if any (every rank)."""
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def as_float(x) -> float:
+    return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
