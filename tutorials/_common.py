@@ -7,7 +7,9 @@ script, under ``torchrun`` and as a notebook (jupytext):
 - ``PYRO_SP_TUTORIAL_SMOKE=1``: a tiny setting (seconds), used by the tests;
 - ``PYRO_SP_TUTORIAL_SEED``: the seed given to ``pyro.set_rng_seed`` on every rank (default 0);
 - ``PYRO_SP_TUTORIAL_OUT``: where results (``<name>.json``) and figures go
-  (default ``tutorials/figures``).
+  (default ``tutorials/figures``);
+- ``PYRO_SP_TUTORIAL_MESH``: ``SAMPLExDATA`` (e.g. ``1x2``), the grid of the
+  tutorials that take one (default: every rank on the sample axis).
 """
 
 from __future__ import annotations
@@ -22,6 +24,18 @@ import torch.distributed as tdist
 SMOKE = os.environ.get("PYRO_SP_TUTORIAL_SMOKE", "0") == "1"
 SEED = int(os.environ.get("PYRO_SP_TUTORIAL_SEED", "0"))
 OUT = os.environ.get("PYRO_SP_TUTORIAL_OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
+
+
+def mesh_shape() -> dict:
+    """``init_mesh`` keywords from ``PYRO_SP_TUTORIAL_MESH`` (``{}``: every rank on the sample axis)."""
+    text = os.environ.get("PYRO_SP_TUTORIAL_MESH", "").strip()
+    if not text:
+        return {}
+    try:
+        sample, data = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"Expected PYRO_SP_TUTORIAL_MESH=SAMPLExDATA such as 2x1 or 1x2, got {text!r}.") from None
+    return {"sample": sample, "data": data}
 
 
 def steps(full: int, smoke: int) -> int:
@@ -52,10 +66,11 @@ class Clock:
 def report(name: str, **values) -> dict:
     """Write ``OUT/<name>.json`` on rank 0 (the run's settings and ``values``) and print it."""
     world = tdist.get_world_size() if tdist.is_initialized() else 1
-    record = {"tutorial": name, "world_size": world, "seed": SEED, "smoke": SMOKE, **values}
+    mesh = os.environ.get("PYRO_SP_TUTORIAL_MESH", "").strip().lower()
+    record = {"tutorial": name, "world_size": world, "mesh": mesh or f"{world}x1", "seed": SEED, "smoke": SMOKE, **values}
     if is_main():
         os.makedirs(OUT, exist_ok=True)
-        suffix = f"-w{world}-s{SEED}" + ("-smoke" if SMOKE else "")
+        suffix = f"-w{world}" + (f"-m{mesh}" if mesh else "") + f"-s{SEED}" + ("-smoke" if SMOKE else "")
         with open(os.path.join(OUT, f"{name}{suffix}.json"), "w") as f:
             json.dump(record, f, indent=1, default=float)
         print(json.dumps(record, default=float), flush=True)
