@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pyro
+import pytest
 import pyro.distributions as dist
 import torch
 from pyro.contrib.forecast import Forecaster, ForecastingModel
@@ -34,18 +35,23 @@ def _series(seed: int = 0):
     return data, covariates
 
 
-def _train(cls, num_particles: int, seed: int = 3):
+def _train(cls, num_particles: int, seed: int = 3, **options):
     data, covariates = _series()
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    f = cls(_Level(), data[:50], covariates[:50], num_steps=30, num_particles=num_particles, log_every=0)
+    f = cls(_Level(), data[:50], covariates[:50], num_steps=30, num_particles=num_particles, log_every=0, **options)
     samples = f(data[:50], covariates, num_samples=20)
     return f.losses, {n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()}, samples
 
 
-def test_one_process_is_pyros_forecaster_bit_for_bit():
-    mine = _train(pyro_sp.DistributedForecaster, 4)
-    theirs = _train(Forecaster, 4)
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"time_reparam": "dct"}, {"time_reparam": "haar", "dct_gradients": True}, {"warm_start": True}],
+    ids=["default", "dct", "haar-dct_gradients", "warm_start"],
+)
+def test_one_process_is_pyros_forecaster_bit_for_bit(options):
+    mine = _train(pyro_sp.DistributedForecaster, 4, **options)
+    theirs = _train(Forecaster, 4, **options)
     assert mine[0] == theirs[0]
     assert mine[1].keys() == theirs[1].keys()
     for n in mine[1]:
