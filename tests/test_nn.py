@@ -189,3 +189,24 @@ def test_regression_with_learned_noise():
     assert torch.isfinite(torch.tensor(elbo.loss(model, guide, x, y)))
     out = pyro_sp.DistributedPredictive(model, guide=guide, num_samples=6, parallel=True, return_sites=("mean", "sigma", "y"))(x)
     assert out["mean"].shape == (6, 20) and out["y"].shape == (6, 20)
+
+
+def test_autoguide_starts_at_the_module_with_init_to_module():
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    bnn = BayesianModule(net, bayesian=["0", "3.weight"])  # the last bias stays deterministic
+
+    def model(x, y=None):
+        return categorical_likelihood(bnn(x), y)
+
+    guide = AutoNormal(model, init_loc_fn=bnn.init_to_module)
+    x, y = torch.randn(5, 1, 4, 4), torch.arange(5) % 3
+    guide(x, y)
+    median = guide.median()
+    for name in bnn.bayesian_names:
+        assert torch.equal(median[f"net.{name}"], dict(net.named_parameters())[name]), name
+    pyro.clear_param_store()
+    default = AutoNormal(model)  # Pyro's default start: zero for a Normal prior
+    default(x, y)
+    assert not default.median()["net.0.weight"].abs().sum()

@@ -76,7 +76,8 @@ class BayesianModule(torch.nn.Module):
     autoguide's setup) the shape is ``out``. The
     deterministic parameters are ``pyro.param`` sites named the same way.
     Every ``Distributed…_ELBO`` and autoguide accepts the result: it is an
-    ordinary Pyro program.
+    ordinary Pyro program. Give autoguides ``init_loc_fn=bnn.init_to_module``
+    to start the guide at the network's initial weights.
 
     ``nn.Linear`` and ``nn.Conv2d`` inside a ``PyroModule`` fail when a
     sampled weight carries a particle dimension; here each particle's weights
@@ -137,6 +138,30 @@ class BayesianModule(torch.nn.Module):
         """The prior of Bayesian parameter ``name`` (override for other priors)."""
         value = dict(self.module.named_parameters())[name]
         return dist.Normal(torch.zeros_like(value), self.prior_scales[name]).to_event(value.dim())
+
+    def init_to_module(self, site: dict, fallback: Callable | None = None) -> torch.Tensor:
+        """
+        An ``init_loc_fn`` for Pyro's autoguides: a Bayesian parameter's guide
+        mean starts at the network's own initial value (as ``MeanFieldVI``'s
+        ``init_loc="module"``); other sites go to ``fallback`` (default
+        :func:`~pyro.infer.autoguide.initialization.init_to_feasible`, the
+        autoguides' own default start for a site without a value).
+
+        Autoguides start every site at a prior-feasible point, which for a
+        Normal prior is zero: every weight of a layer then starts equal, and
+        a network of ReLU layers (a CNN especially) may not train at all.
+
+        .. code-block:: python
+
+            guide = AutoNormal(model, init_loc_fn=bnn.init_to_module)
+        """
+        prefix = f"{self.name}."
+        name = site["name"][len(prefix):] if site["name"].startswith(prefix) else None
+        if name in self.prior_scales:
+            return dict(self.module.named_parameters())[name].detach().clone()
+        if fallback is None:
+            from pyro.infer.autoguide.initialization import init_to_feasible as fallback
+        return fallback(site)
 
     def forward(self, *args, **kwargs):
         shapes = {n: p.shape for n, p in self.module.named_parameters()}
