@@ -76,7 +76,7 @@ guide = AutoDiagonalNormal(model)
 elbo = pyro_sp.DistributedTrace_ELBO(num_particles=16)  # was: Trace_ELBO(num_particles=16)
 svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.03}), loss=elbo)
 clock = Clock()
-num_steps = steps(1500, 150)
+num_steps = steps(1500, 80)
 losses = [svi.step(x, y) / len(y) for _ in range(num_steps)]
 train_seconds = clock()
 say(f"loss per data point: {losses[0]:.3f} -> {losses[-1]:.3f} in {train_seconds:.1f} s")

@@ -60,7 +60,7 @@ elbo = pyro_sp.DistributedTrace_ELBO(num_particles=8, vectorize_particles=True) 
 svi = SVI(model, guide, Adam({"lr": 0.0005, "betas": (0.90, 0.999)}), loss=elbo)
 
 clock = Clock()
-num_steps = steps(4000, 300)
+num_steps = steps(4000, 200)
 losses = []
 for step in range(num_steps):
     losses.append(svi.step(data))
