@@ -60,8 +60,7 @@ def test_one_process_is_pyros_forecaster_bit_for_bit(options):
 
 
 def distributed_forecaster():
-    losses, params, samples = _train(pyro_sp.DistributedForecaster, 4)
-    return losses, params, samples
+    return _train(pyro_sp.DistributedForecaster, 4)
 
 
 def test_two_ranks_train_one_forecaster(pools):

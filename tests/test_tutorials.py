@@ -18,7 +18,7 @@ def _in_range(value: float, lo: float, hi: float) -> bool:
     return lo <= value <= hi
 
 
-# tutorial -> (check of its results record, the reason in words)
+# tutorial -> a check of its results record (the tutorial asserts its own claims too)
 CHECKS = {
     "svi_part_i_coin": lambda r: abs(r["mean"] - r["exact_mean"]) < 0.1 and r["loss_last_50"] < r["loss_first_50"],
     "svi_part_iii_baselines": lambda r: r["grad_std_with_baseline"] < r["grad_std_without_baseline"],

@@ -26,6 +26,9 @@ SEED = int(os.environ.get("PYRO_SP_TUTORIAL_SEED", "0"))
 OUT = os.environ.get("PYRO_SP_TUTORIAL_OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 
 
+_shape: dict = {}  # the grid a tutorial asked for through mesh_shape(), for report()
+
+
 def mesh_shape() -> dict:
     """``init_mesh`` keywords from ``PYRO_SP_TUTORIAL_MESH`` (``{}``: every rank on the sample axis)."""
     text = os.environ.get("PYRO_SP_TUTORIAL_MESH", "").strip()
@@ -35,7 +38,8 @@ def mesh_shape() -> dict:
         sample, data = (int(part) for part in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"Expected PYRO_SP_TUTORIAL_MESH=SAMPLExDATA such as 2x1 or 1x2, got {text!r}.") from None
-    return {"sample": sample, "data": data}
+    _shape.update(sample=sample, data=data)
+    return dict(_shape)
 
 
 def steps(full: int, smoke: int) -> int:
@@ -66,7 +70,7 @@ class Clock:
 def report(name: str, **values) -> dict:
     """Write ``OUT/<name>.json`` on rank 0 (the run's settings and ``values``) and print it."""
     world = tdist.get_world_size() if tdist.is_initialized() else 1
-    mesh = os.environ.get("PYRO_SP_TUTORIAL_MESH", "").strip().lower()
+    mesh = f"{_shape['sample']}x{_shape['data']}" if _shape else ""  # only a tutorial that took one
     record = {"tutorial": name, "world_size": world, "mesh": mesh or f"{world}x1", "seed": SEED, "smoke": SMOKE, **values}
     if is_main():
         os.makedirs(OUT, exist_ok=True)

@@ -132,7 +132,7 @@ def auroc(inside: torch.Tensor, outside: torch.Tensor) -> float:
     return ((diff > 0).double() + 0.5 * (diff == 0).double()).mean().item()
 
 
-results, probs_of, curves = {}, {}, {}
+results, probs_of, epistemic_of, curves = {}, {}, {}, {}
 for net_name, make in networks.items():
     for path_name, train_fn in (("general", general_path), ("MeanFieldVI", mean_field_path)):
         torch.manual_seed(SEED)  # the same initial network for both paths
@@ -152,7 +152,7 @@ for net_name, make in networks.items():
             "auroc_unseen": auroc(epistemic["test"], epistemic["unseen"]),
             "auroc_noise": auroc(epistemic["test"], epistemic["noise"]),
         }
-        probs_of[key], curves[key] = probs, losses
+        probs_of[key], epistemic_of[key], curves[key] = probs, epistemic, losses
         r = results[key]
         say(f"{key:16s} acc {r['accuracy']:.3f} NLL {r['nll']:.3f} ECE {r['ece']:.3f} | epistemic "
             f"test {r['epistemic']:.3f} unseen {r['epistemic_unseen']:.3f} noise {r['epistemic_noise']:.3f} "
@@ -178,9 +178,9 @@ if is_main():
     pyro_sp.uq.uncertainty_vs_error(probs_of[best]["test"], y_test, os.path.join(OUT, "bnn_rejection.png"),
                                     title=f"{best}: accuracy vs rejection")
     fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3), sharey=True)
-    for ax, (key, probs) in zip(axes, probs_of.items()):
-        for name, p in probs.items():
-            ax.hist(pyro_sp.uq.mutual_information(p).numpy(), bins=30, histtype="step", density=True, label=name)
+    for ax, (key, epistemic) in zip(axes, epistemic_of.items()):
+        for name, mi in epistemic.items():
+            ax.hist(mi.numpy(), bins=30, histtype="step", density=True, label=name)
         ax.set(title=key, xlabel="epistemic uncertainty (nats)")
     axes[0].set_ylabel("density")
     axes[0].legend(title="inputs")
