@@ -122,6 +122,17 @@ def launch_module(module: str, args: list[str], nproc: int, prog: str = "pyro-sp
     return 0
 
 
+def _check_demo_dependencies(p: argparse.ArgumentParser) -> None:
+    """Fail before launching any rank when the demo's extra is not installed (once, not per rank)."""
+    import importlib.util
+
+    missing = [pip for module, pip in (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        p.error(f"the demo needs {' and '.join(missing)}, which are not installed. "
+                "Install them with: pip install 'pyro-sp[demo]'")
+
+
 def _demo(a: argparse.Namespace) -> int:
     import pyro
     import torch
@@ -252,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "info":
         return _info()
     _validate(parser, a)
+    _check_demo_dependencies(parser)
     if a.nproc > 1 and "RANK" not in os.environ:
         return launch_module("pyro_sp.cli", _without_nproc(argv), a.nproc)
     return _demo(a)

@@ -116,7 +116,7 @@ def fit(
             loss = svi.step(*args)
             if not math.isfinite(loss):
                 raise FloatingPointError(
-                    f"The loss is {loss} at step {step} (epoch {epoch}); every rank stops here. "
+                    f"The loss is {loss} at step {step + 1} (epoch {epoch}); every rank stops here. "
                     "Lower the learning rate or check the model."
                 )
             step += 1

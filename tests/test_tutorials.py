@@ -29,6 +29,9 @@ CHECKS = {
     "flow_guide": lambda r: r["kl_gap"] > 0,  # the flow fits the skewed posterior better than AutoNormal
     "forecasting": lambda r: r["loss_last"] < r["loss_first"] and _in_range(r["coverage_90"], 0.0, 1.0),
     "bnn_digits": lambda r: all(v["accuracy"] > 0.5 for v in r["results"].values()),
+    # all four configurations ran on both tasks, and each learned the digits
+    "augmentation_diversity": lambda r: all(len(rows) == 5 for rows in r["summary"].values())
+    and all(row["final_accuracy"][0] > 0.7 for c, row in r["summary"]["digits"].items() if not c.startswith("d - c")),
 }
 
 

@@ -67,8 +67,9 @@ class Clock:
         return time.perf_counter() - self.start
 
 
-def report(name: str, **values) -> dict:
-    """Write ``OUT/<name>.json`` on rank 0 (the run's settings and ``values``) and print it."""
+def report(name: str, *, compact: bool = False, **values) -> dict:
+    """Write ``OUT/<name>.json`` on rank 0 (the run's settings and ``values``) and print it
+    (``compact``: no indentation and only the keys other than ``curves`` printed, for large records)."""
     world = tdist.get_world_size() if tdist.is_initialized() else 1
     mesh = f"{_shape['sample']}x{_shape['data']}" if _shape else ""  # only a tutorial that took one
     record = {"tutorial": name, "world_size": world, "mesh": mesh or f"{world}x1", "seed": SEED, "smoke": SMOKE, **values}
@@ -76,8 +77,9 @@ def report(name: str, **values) -> dict:
         os.makedirs(OUT, exist_ok=True)
         suffix = f"-w{world}" + (f"-m{mesh}" if mesh else "") + f"-s{SEED}" + ("-smoke" if SMOKE else "")
         with open(os.path.join(OUT, f"{name}{suffix}.json"), "w") as f:
-            json.dump(record, f, indent=1, default=float)
-        print(json.dumps(record, default=float), flush=True)
+            json.dump(record, f, indent=None if compact else 1, separators=(",", ":") if compact else None, default=float)
+        shown = {k: v for k, v in record.items() if k != "curves"} if compact else record
+        print(json.dumps(shown, default=float), flush=True)
     return record
 
 

@@ -24,9 +24,14 @@ HEADLINES = {
     "gmm": [("final loss (Pyro: 17.44)", "final_loss"), ("larger weight (Pyro: 0.625)", "weights")],
     "flow_guide": [("-ELBO per point, flow", "flow_neg_elbo"), ("AutoNormal", "autonormal_neg_elbo")],
     "forecasting": [("CRPS (standardised)", "crps"), ("90 % coverage", "coverage_90")],
+    "augmentation_diversity": [
+        ("digits epochs to NLL 0.25, (d) - (c)", "summary/digits/d - c (paired)/epochs_to_nll"),
+        ("final NLL, (d) - (c)", "summary/digits/d - c (paired)/final_nll"),
+        ("sunspots final NLL, (d) - (c)", "summary/sunspots/d - c (paired)/final_nll"),
+    ],
     "bnn_digits": [("CNN accuracy", "results/CNN general/accuracy"), ("CNN AUROC on unseen 8 and 9", "results/CNN general/auroc_unseen")],
 }
-SECONDS = ("seconds", "train_seconds", "ELBO_seconds", "flow_seconds", "results/CNN general/seconds")
+SECONDS = ("seconds", "total_seconds", "train_seconds", "ELBO_seconds", "flow_seconds", "results/CNN general/seconds")
 
 
 def _get(record: dict, key: str):
@@ -35,6 +40,8 @@ def _get(record: dict, key: str):
         if not isinstance(value, dict) or part not in value:
             return None
         value = value[part]
+    if isinstance(value, list) and key.startswith("summary/"):
+        return f"{value[0]:.3f} ± {value[1]:.3f}"  # (mean, half-width of its 95 % interval)
     if isinstance(value, list):
         value = max(value)
     return value
