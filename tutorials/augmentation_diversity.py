@@ -62,12 +62,15 @@ from torch import nn
 import pyro_sp
 from pyro_sp.data import Augmenter, ShardedBatchSampler, load_digits, load_sunspots, random_shift_and_noise
 from pyro_sp.nn import BayesianModule, MeanFieldVI
-from _common import SEED, SMOKE, Clock, finish, is_main, report, savefig, say, steps
+from _common import SEED, Clock, finish, is_main, report, savefig, say, steps
 
 SEEDS = list(range(SEED, SEED + steps(8, 1)))
 PARTICLES, BATCH, EVAL_SAMPLES = 8, 64, 32
 RANK = int(os.environ.get("RANK", "0"))
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+if WORLD not in (1, 2):
+    raise SystemExit(f"augmentation_diversity compares grids of exactly 2 ranks; launch it alone or with "
+                     f"--nproc-per-node 2, not with {WORLD} ranks.")
 
 CONFIGS = {  # name -> (sample, data, independent augmentation)
     "a: 1 process": None,
@@ -160,7 +163,7 @@ def train(task: dict, mesh: pyro_sp.SPMesh, independent: bool, seed: int) -> lis
     return history
 
 
-def run_all(config: str, mesh: pyro_sp.SPMesh | None, independent: bool, seeds: list[int]) -> dict:
+def run_all(mesh: pyro_sp.SPMesh | None, independent: bool, seeds: list[int]) -> dict:
     """{task: {seed: history}} for the given seeds."""
     out = {}
     for name, task in TASKS.items():
@@ -180,8 +183,9 @@ def run_all(config: str, mesh: pyro_sp.SPMesh | None, independent: bool, seeds: 
 torch.set_num_threads(1)  # one core per process in every configuration: a fair wall-time comparison
 runs = {}
 started = clock = Clock()
-mine = run_all("a: 1 process", None, True, SEEDS[RANK::WORLD])
-say(f"(a) one process: {len(SEEDS)} seeds, {WORLD} at a time, in {clock():.0f} s")
+mine = run_all(None, True, SEEDS[RANK::WORLD])
+if RANK == 0:  # no process group yet: say() cannot tell the ranks apart
+    print(f"(a) one process: {len(SEEDS)} seeds, {WORLD} at a time, in {clock():.0f} s", flush=True)
 if WORLD > 1:
     pyro_sp.init_mesh()
     parts = [None] * WORLD
@@ -192,7 +196,7 @@ if WORLD > 1:
             continue
         sample, data, independent = spec
         clock = Clock()
-        runs[config] = run_all(config, pyro_sp.init_mesh(sample=sample, data=data), independent, SEEDS)
+        runs[config] = run_all(pyro_sp.init_mesh(sample=sample, data=data), independent, SEEDS)
         say(f"({config}): {len(SEEDS)} seeds in {clock():.0f} s")
 else:
     runs["a: 1 process"] = mine
