@@ -220,11 +220,17 @@ def t_quantile(n: int) -> float:
     return float(t.ppf(0.975, n - 1))
 
 
+def mean_and_half(values) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over the first axis (the seeds) and the half-width of its 95 % t-interval (NaN for one seed)."""
+    v = torch.as_tensor(values, dtype=torch.float64)
+    n = v.shape[0]
+    return v.mean(0), t_quantile(n) * v.std(0) / math.sqrt(n) if n > 1 else torch.full_like(v[0], float("nan"))
+
+
 def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95 % t-interval."""
-    v = torch.tensor(values, dtype=torch.float64)
-    half = t_quantile(len(v)) * (v.std() / math.sqrt(len(v))).item() if len(v) > 1 else float("nan")
-    return v.mean().item(), half
+    """Mean and the half-width of its 95 % t-interval, as numbers."""
+    mean, half = mean_and_half(values)
+    return mean.item(), half.item()
 
 
 def to_target(history: list[dict], metric: str, target: float) -> tuple[int, float, bool]:
@@ -237,29 +243,32 @@ def to_target(history: list[dict], metric: str, target: float) -> tuple[int, flo
 
 summary = {}
 for name, task in TASKS.items():
-    summary[name] = {}
+    summary[name], epochs_to, best = {}, {}, {}  # per configuration, the per-seed values the pairs reuse
     for config, by_seed in runs.items():
         histories = [by_seed[name][s] for s in SEEDS]
-        row = {}
+        row, epochs_to[config] = {}, {}
         for metric, target in task["targets"].items():
             hits = [to_target(h, metric, target) for h in histories]
+            epochs_to[config][metric] = [e for e, _, _ in hits]
             row[f"epochs_to_{metric}"] = mean_ci([e for e, _, _ in hits])
             row[f"seconds_to_{metric}"] = mean_ci([s for _, s, _ in hits])
             row[f"missed_{metric}"] = sum(not ok for _, _, ok in hits)
         for metric in histories[0][-1]:
-            if metric not in ("epoch",):
+            if metric != "epoch":
                 row[f"final_{metric}"] = mean_ci([h[-1][metric] for h in histories])
-        row["best_nll"] = mean_ci([min(e["nll"] for e in h) for h in histories])  # the lowest test NLL of the run
+        best[config] = [min(e["nll"] for e in h) for h in histories]  # the lowest test NLL of each run
+        row["best_nll"] = mean_ci(best[config])
         summary[name][config] = row
     if "c: sample 2, identical" in runs:
-        c, d = runs["c: sample 2, identical"], runs["d: sample 2, independent"]
+        c_name, d_name = "c: sample 2, identical", "d: sample 2, independent"
+        c, d = runs[c_name], runs[d_name]
         paired = {}
-        for metric, target in task["targets"].items():
-            diff = [to_target(d[name][s], metric, target)[0] - to_target(c[name][s], metric, target)[0] for s in SEEDS]
-            paired[f"epochs_to_{metric}"] = mean_ci(diff)
+        for metric in task["targets"]:
+            paired[f"epochs_to_{metric}"] = mean_ci(
+                [de - ce for de, ce in zip(epochs_to[d_name][metric], epochs_to[c_name][metric])])
         for metric in task["targets"]:
             paired[f"final_{metric}"] = mean_ci([d[name][s][-1][metric] - c[name][s][-1][metric] for s in SEEDS])
-        paired["best_nll"] = mean_ci([min(e["nll"] for e in d[name][s]) - min(e["nll"] for e in c[name][s]) for s in SEEDS])
+        paired["best_nll"] = mean_ci([db - cb for db, cb in zip(best[d_name], best[c_name])])
         summary[name]["d - c (paired)"] = paired
 
 for name, rows in summary.items():
@@ -287,10 +296,9 @@ if is_main():
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6))
     for ax, (name, metric, title) in zip(axes, panels):
         for config, by_seed in runs.items():
-            curves = torch.tensor([[h[metric] for h in by_seed[name][s]] for s in SEEDS], dtype=torch.float64)
-            mean = curves.mean(0)
-            half = t_quantile(len(SEEDS)) * curves.std(0) / math.sqrt(len(SEEDS)) if len(SEEDS) > 1 else 0 * mean
-            epochs = range(1, curves.shape[1] + 1)
+            mean, half = mean_and_half([[h[metric] for h in by_seed[name][s]] for s in SEEDS])
+            half = half.nan_to_num(0.0)  # no band for a single seed
+            epochs = range(1, len(mean) + 1)
             ax.plot(epochs, mean, label=config)
             ax.fill_between(epochs, mean - half, mean + half, alpha=0.2)
         ax.axhline(TASKS[name]["targets"][metric], color="grey", ls=":", lw=1)
