@@ -6,7 +6,7 @@ get exactly the single-process estimator back.
 """
 
 from pyro_sp import data, nn, poutine, uq
-from pyro_sp.checkpoint import load_checkpoint, save_checkpoint
+from pyro_sp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyro_sp.collectives import record_collectives
 from pyro_sp.errors import RankError
 from pyro_sp.fingerprint import rank_local
@@ -32,6 +32,7 @@ from pyro_sp.rng import RNGStream
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "DistributedELBO",
     "DistributedForecaster",
     "DistributedJitTraceEnum_ELBO",

@@ -115,9 +115,9 @@ class DistributedPredictive(torch.nn.Module):
             if self._rng is None:
                 self._rng = RNGStream(derive_seed(mesh.shared_seed(self.seed), "predictive", mesh.rank))
             key, rng = self.seed, self._rng
-        # the ranks of one group predict for the same inputs: a data group on the
-        # sample axis, everyone on the world axis
-        slot, slots = (mesh.data_index, mesh.data) if self.axis == "sample" else (0, 1)
+        # every rank of ``group`` predicts for the same inputs (one sample group on the
+        # sample axis, everyone on the world axis): the check runs over ``group``, one slot
+        slot, slots = 0, 1
         fingerprint = data_fingerprint(args, kwargs, extra=(key,), device=device)
         lo, hi = particle_share(self.num_samples, size, index)
         samples, error = {}, None
