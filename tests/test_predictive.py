@@ -134,3 +134,28 @@ def mismatched_inputs():
 def test_inputs_must_agree(pools):
     for kind, msg, _ in pools(2).run_expecting_errors(mismatched_inputs).values():
         assert kind == "ValueError" and "args[0]" in msg
+
+
+def per_group_inputs(sample: int, data: int, same_in_group: bool = True):
+    mesh = pyro_sp.SPMesh(sample=sample, data=data)
+    # each data group predicts for its own inputs; the ranks of a sample group share them
+    n = 3 + mesh.data_index
+    x = torch.zeros(n) if same_in_group else torch.full((n,), float(mesh.sample_index))
+    pyro.set_rng_seed(2)
+    out = pyro_sp.DistributedPredictive(model, guide=guide, num_samples=6, parallel=True, mesh=mesh)(x)
+    return mesh.data_index, tuple(out["obs"].shape), out["z"].clone()
+
+
+@pytest.mark.parametrize("sample,data", [(1, 2), (2, 2)], ids=["data2", "hybrid2x2"])
+def test_each_data_group_predicts_for_its_own_inputs(pools, sample, data):
+    results = pools(sample * data).run(per_group_inputs, sample, data)
+    for d, shape, z in results:
+        assert shape == (6, 3 + d)
+    by_group = {}
+    for d, _, z in results:  # the ranks of one sample group hold one gathered result
+        assert torch.equal(by_group.setdefault(d, z), z)
+
+
+def test_a_sample_group_must_share_its_inputs_on_a_hybrid_mesh(pools):
+    for kind, msg, _ in pools(4).run_expecting_errors(per_group_inputs, 2, 2, False).values():
+        assert kind == "ValueError" and "args[0]" in msg
