@@ -122,6 +122,9 @@ def all_reduce_gradients(
     *,
     group,
     scale: float = 1.0,
+    error: BaseException | None = None,
+    what: str = "The gradient all-reduce",
+    hint: str = "",
 ) -> list[torch.Tensor | None]:
     """
     Sum ``grads`` over ``group`` and multiply by ``scale``, in one all-reduce
@@ -130,23 +133,41 @@ def all_reduce_gradients(
     A missing gradient counts as zero; one flag per parameter rides along in
     the same buffer, so a gradient that is missing on *every* rank stays
     ``None`` (an optimizer then skips that parameter, as it would in one
-    process).
+    process). One more flag says whether a rank failed since the last check
+    (``error``, e.g. in its backward pass): such a rank still joins the
+    reduction (with zeros), and then every rank raises as in
+    :func:`step_check`, so no rank waits for the collective timeout.
 
     :param params: parameters in the same (name) order on every rank.
     :param grads: this rank's gradient of each parameter, or ``None``.
     :param group: process group, or ``None`` for a no-op.
     :param float scale: factor applied after the sum (e.g. ``1 / data``).
+    :param error: this rank's failure since the last check, or ``None``
+        (its ``grads`` are then ignored).
+    :param str what: the computation, named in the error.
+    :param str hint: a sentence added to :class:`~pyro_sp.RankError`.
     :returns: the reduced gradients, views into the flat buffer.
+    :raises RankError: on the ranks that did not fail, if some rank failed
+        (the failing ranks re-raise their own exception).
     """
     if group is None:
+        if error is not None:
+            raise error
         return list(grads)
+    if error is not None:
+        if not params:  # the ranks agree on the parameters: with none, no rank waits for this one
+            raise error
+        grads = [None] * len(params)
     out: list[torch.Tensor | None] = [None] * len(params)
-    for (dtype, device), idx in _buckets(params).items():
+    failed = 0.0
+    for k, ((dtype, device), idx) in enumerate(_buckets(params).items()):
         parts, flags = [], []
         for i in idx:
             g = grads[i]
             parts.append(torch.zeros_like(params[i]) if g is None else g.detach())
             flags.append(0.0 if g is None else 1.0)
+        if k == 0:  # the failure flag rides in the first buffer
+            flags.append(float(error is not None))
         parts.append(torch.tensor(flags, dtype=dtype, device=device))
         flat = _flatten_dense_tensors(parts)
         _run("all_reduce_gradients", dist.all_reduce, flat, group=group)
@@ -154,8 +175,12 @@ def all_reduce_gradients(
             flat.mul_(scale)
         reduced = _unflatten_dense_tensors(flat, parts)
         present = reduced[-1].tolist()
+        if k == 0:
+            failed = present.pop()
         for i, g, flag in zip(idx, reduced, present):
             out[i] = g if flag != 0 else None
+    if failed:
+        raise_failure(error, what, hint, group, dist.get_world_size(group))
     return out
 
 
@@ -288,7 +313,7 @@ def step_check(
     total, s_sum, s2_sum, failures = values[:4]
     world = dist.get_world_size(group)
     if failures:
-        _raise_failure(error, what, hint, group, world)
+        raise_failure(error, what, hint, group, world)
     if s_sum != world * s or s2_sum != world * s * s:
         layouts: list = [None] * world
         dist.all_gather_object(layouts, describe(), group=group)
@@ -302,7 +327,13 @@ def step_check(
     return total
 
 
-def _raise_failure(error, what, hint, group, world) -> None:
+def raise_failure(error, what, hint, group, world) -> None:
+    """
+    Raise, on every rank of ``group`` (a collective), the failure that a
+    check found: a rank that failed re-raises its own ``error`` with a note
+    naming the other failures, a rank that did not (``error is None``) raises
+    :class:`~pyro_sp.RankError` naming them.
+    """
     messages: list = [None] * world
     mine = None if error is None else (type(error).__name__, str(error))
     dist.all_gather_object(messages, mine, group=group)

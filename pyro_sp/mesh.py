@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from pyro_sp.failure import check_not_aborted, start_watchdog
+
 __all__ = ["SPMesh", "default_mesh", "init_mesh", "particle_share", "share_counts"]
 
 #: Default timeout of every collective: a rank that stops answering turns into
@@ -78,8 +80,16 @@ class SPMesh:
     data: int = 1
     device_type: str | None = None
     _device_mesh: object = field(default=None, init=False, repr=False, compare=False)
+    _distributed: bool = field(default=False, init=False, repr=False, compare=False)
+    _rank: int = field(default=0, init=False, repr=False, compare=False)
+    _world: int = field(default=1, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # the process group and the coordinates are those of construction, stored: they stay
+        # readable (for logging, file names) after a failure stopped the groups
+        check_not_aborted()
+        if dist.is_available() and dist.is_initialized():
+            self._distributed, self._rank, self._world = True, dist.get_rank(), dist.get_world_size()
         for name, value in (("sample", self.sample), ("data", self.data)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(
@@ -105,17 +115,26 @@ class SPMesh:
     # ---- sizes and coordinates -------------------------------------------------
     @property
     def is_distributed(self) -> bool:
-        """Whether a default process group exists (even of size one)."""
-        return dist.is_available() and dist.is_initialized()
+        """
+        Whether the mesh was built over a process group (even of size one).
+
+        :raises RuntimeError: after pyro_sp aborted the process groups to stop
+            every rank after a failure (:mod:`pyro_sp.failure`): the mesh
+            must not quietly become a single process.
+        """
+        if self._distributed:
+            check_not_aborted()
+        return self._distributed
 
     @property
     def world_size(self) -> int:
-        return dist.get_world_size() if self.is_distributed else 1
+        """Number of ranks of the job (1 without a process group)."""
+        return self._world
 
     @property
     def rank(self) -> int:
         """This process's global rank."""
-        return dist.get_rank() if self.is_distributed else 0
+        return self._rank
 
     @property
     def sample_index(self) -> int:
@@ -207,6 +226,7 @@ def default_mesh() -> SPMesh:
     The mesh used when none is given: every rank of the default process group
     on the sample axis, or the single-process mesh when there is no group.
     """
+    check_not_aborted()
     if dist.is_available() and dist.is_initialized():
         return SPMesh(sample=dist.get_world_size(), data=1)
     return SPMesh()
@@ -259,6 +279,7 @@ def init_mesh(
         available, else gloo.
     :param datetime.timedelta timeout: timeout of every collective.
     """
+    check_not_aborted()
     if not dist.is_initialized() and _in_torchrun():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -266,6 +287,8 @@ def init_mesh(
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         store, rank, world = _attempt_store(timeout)
         dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        start_watchdog()  # a rank waiting on the GPU is not woken by a peer's abort (pyro_sp.failure)
     world = dist.get_world_size() if dist.is_initialized() else 1
     if sample is None and data is None:
         sample = world

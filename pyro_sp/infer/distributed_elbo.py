@@ -13,12 +13,15 @@ import torch.distributed as dist
 from pyro import poutine
 
 from pyro_sp.collectives import (
+    _run,
     all_reduce_gradients,
     broadcast_tensors,
     gather_rows,
     layout_signature,
+    raise_failure,
     step_check,
 )
+from pyro_sp.failure import abort_everywhere, explained
 from pyro_sp.fingerprint import data_fingerprint, describe_data
 from pyro_sp.mesh import SPMesh, default_mesh, share_counts
 from pyro_sp.poutine import ShardParticlesMessenger
@@ -235,7 +238,8 @@ class DistributedELBO:
         entry = get_global_state()
         key = draw_key()  # the call's key; rank 0's particles start from ``entry``, as in Pyro
         try:
-            return self._sharded_call(kind, method, model, guide, args, kwargs, key, entry)
+            with explained(f"{type(self).__name__}.{kind}"):
+                return self._sharded_call(kind, method, model, guide, args, kwargs, key, entry)
         finally:
             self._call = None
             reseed_global(key)  # every rank leaves with the same global RNG state
@@ -244,6 +248,7 @@ class DistributedELBO:
         mesh = self.mesh
         lo, hi = mesh.particle_share(self.num_particles)
         self._call = call = _CallShare(lo, hi)
+        call.gathered = mesh.sample == 1  # no gather over the sample axis to wait in
         fingerprint = data_fingerprint(args, kwargs, extra=(key,), device=mesh.device)
         particle_seed, subsample_seed = self._stream_seeds(key)
         local_state = self._local_state()
@@ -324,28 +329,56 @@ class DistributedELBO:
                     self._restore_grads(stash, params.values(), reduced=None)
         ordered = [params[n] for n in names]
         self._last_params = ordered
+        # After the check, a local failure (the backward pass of a nonlinear estimator,
+        # out of memory, say) rides as a flag in the collectives every rank makes next,
+        # so every rank raises at once; a failure before the particles' gather, which the
+        # other ranks are already waiting in, stops them by aborting (pyro_sp.failure).
+        what = f"{type(self).__name__}.{kind}"
+        error = None
         if self._linear:
             global_loss, result = total / mesh.data, payload
         else:
-            group_loss, result = self._combine(kind, payload)
-            global_loss = self._data_mean(group_loss)
+            try:
+                group_loss, result = self._combine(kind, payload)
+            except Exception as e:  # noqa: BLE001 - raised on every rank below
+                if not call.gathered:
+                    abort_everywhere(e, what)
+                    raise
+                error, group_loss, result = e, 0.0, None
+            try:
+                global_loss = self._data_mean(group_loss, error, what)
+            except BaseException:
+                if stash is not None:  # give back the gradients held before the call
+                    self._restore_grads(stash, ordered, reduced=None)
+                raise
         if kind == "loss":
+            if error is not None:  # no collective follows: no rank waits for this one
+                raise error
             return global_loss
         if kind == "loss_and_grads":
             grads = [None] * len(ordered) if call.empty else [p.grad for p in ordered]
-            reduced = all_reduce_gradients(ordered, grads, group=self._world, scale=1.0 / mesh.data)
+            try:
+                reduced = all_reduce_gradients(ordered, grads, group=self._world, scale=1.0 / mesh.data,
+                                               error=error, what=what)
+            except BaseException:
+                self._restore_grads(stash, ordered, reduced=None)
+                raise
             self._restore_grads(stash, ordered, reduced=reduced)
             return global_loss
-        if not isinstance(result, torch.Tensor):  # e.g. an empty model: Pyro returns a float
+        if error is None and not isinstance(result, torch.Tensor):  # e.g. an empty model: Pyro returns a float
             return global_loss
-        value = torch.full_like(result.detach(), global_loss)
-        if not leaves:
-            return value
-        if grads is None:  # a nonlinear estimator's surrogate, formed after the gather
-            grads = torch.autograd.grad(result, leaves, allow_unused=True)
-        if call.empty:  # a stand-in particle: its gradient is not part of the estimator
+        if error is None and not leaves:
+            return torch.full_like(result.detach(), global_loss)
+        if error is None and grads is None:  # a nonlinear estimator's surrogate, formed after the gather
+            try:
+                grads = torch.autograd.grad(result, leaves, allow_unused=True)
+            except Exception as e:  # noqa: BLE001 - raised on every rank by the reduction
+                error = e
+        if call.empty or error is not None:  # a stand-in particle: its gradient is not part of the estimator
             grads = [None] * len(leaves)
-        reduced = all_reduce_gradients(leaves, list(grads), group=self._world, scale=1.0 / mesh.data)
+        reduced = all_reduce_gradients(leaves, list(grads), group=self._world, scale=1.0 / mesh.data,
+                                       error=error, what=what)
+        value = torch.full_like(result.detach(), global_loss)
         return _ReducedGradient.apply(value, reduced, *leaves)
 
     def _gather_particles(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -356,15 +389,25 @@ class DistributedELBO:
         if not self.mesh.is_distributed or self.mesh.sample == 1:
             return tensor
         counts = share_counts(self.num_particles, self.mesh.sample)
-        return gather_rows([tensor], counts, group=self.mesh.get_group("sample"))[0]
+        out = gather_rows([tensor], counts, group=self.mesh.get_group("sample"))[0]
+        if self._call is not None:
+            self._call.gathered = True
+        return out
 
-    def _data_mean(self, group_loss: float) -> float:
-        """Average a per-data-group loss (equal on the ranks of a sample group) over the data axis."""
+    def _data_mean(self, group_loss: float, error: BaseException | None = None, what: str = "") -> float:
+        """
+        Average a per-data-group loss (equal on the ranks of a sample group) over the
+        data axis; a flag says whether a rank failed (``error``), and then every rank raises.
+        """
         if self.mesh.data == 1:
             return group_loss
-        t = torch.tensor([group_loss / self.mesh.world_size], dtype=torch.float64, device=self.mesh.device)
-        dist.all_reduce(t, group=self._world)
-        return t.item()
+        t = torch.tensor([group_loss / self.mesh.world_size, float(error is not None)], dtype=torch.float64,
+                         device=self.mesh.device)
+        _run("data_mean", dist.all_reduce, t, group=self._world)
+        loss, failed = t.tolist()
+        if failed:
+            raise_failure(error, what, "", self._world, self.mesh.world_size)
+        return loss
 
     # ---- parameter and gradient bookkeeping ----------------------------------------
     def _local_state(self) -> dict[str, torch.Tensor] | None:
@@ -452,10 +495,11 @@ class _ReducedGradient(torch.autograd.Function):
 class _CallShare:
     """This rank's particles ``[lo, hi)`` during one call; ``empty`` when it holds none."""
 
-    __slots__ = ("lo", "hi", "empty")
+    __slots__ = ("lo", "hi", "empty", "gathered")
 
     def __init__(self, lo: int, hi: int) -> None:
         self.lo, self.hi, self.empty = lo, hi, lo == hi
+        self.gathered = False  # whether the particles' gather over the sample axis is done
 
 
 _SHAPE_HINT = (

@@ -8,8 +8,9 @@ import torch.distributed as dist
 from pyro.infer import Predictive
 
 from pyro_sp.collectives import gather_rows, layout_signature, step_check
-from pyro_sp.mesh import SPMesh, default_mesh, particle_share, share_counts
+from pyro_sp.failure import explained
 from pyro_sp.fingerprint import data_fingerprint, describe_data
+from pyro_sp.mesh import SPMesh, default_mesh, particle_share, share_counts
 from pyro_sp.rng import RNGStream, derive_seed, draw_key
 
 __all__ = ["DistributedPredictive"]
@@ -142,7 +143,8 @@ class DistributedPredictive(torch.nn.Module):
             describe_agree=lambda: {"random key of the call": key, **describe_data(args, kwargs)},
         )
         counts = share_counts(self.num_samples, size)
-        gathered = gather_rows(
-            [samples[k] for k in keys], counts, group=group, dst=0 if self.gather == "rank0" else None
-        )
+        with explained("DistributedPredictive"):
+            gathered = gather_rows(
+                [samples[k] for k in keys], counts, group=group, dst=0 if self.gather == "rank0" else None
+            )
         return None if gathered is None else dict(zip(keys, gathered))

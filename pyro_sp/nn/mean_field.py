@@ -16,6 +16,7 @@ from pyro.distributions import constraints
 from torch.func import functional_call, vmap
 
 from pyro_sp.collectives import broadcast_tensors, gather_rows, layout_signature, step_check
+from pyro_sp.failure import abort_reason, aborted, failing_fast
 from pyro_sp.mesh import SPMesh, default_mesh, share_counts
 from pyro_sp.rng import RNGStream, derive_seed
 
@@ -264,6 +265,7 @@ class MeanFieldVI(torch.nn.Module):
         lo, hi = self.mesh.particle_share(num_particles)
         self.num_local = hi - lo
         self._steps = 0
+        self._failure: str | None = None  # why this rank stopped the job's process groups
         self._validated = False  # per process: a resumed run checks its first step again
         self._ddp = None
         group = None
@@ -444,16 +446,35 @@ class MeanFieldVI(torch.nn.Module):
 
         :returns: the global loss (0-d tensor).
         """
+        if self._failure is not None:
+            raise RuntimeError(
+                f"MeanFieldVI cannot take step {self._steps + 1}: step {self._failure}; pyro_sp stopped "
+                "the job's process groups so that no rank waits for the failed one. Restart the job "
+                "(resume from a checkpoint)."
+            )
+        try:
+            return self._loss_and_backward(x, y, noise)
+        except BaseException:
+            if aborted():
+                self._failure = f"{self._steps + 1} failed ({abort_reason()})"
+            raise
+
+    def _loss_and_backward(self, x, y, noise) -> torch.Tensor:
         if self._loss_fn is None:
             self._setup(x, y)
+        what = f"MeanFieldVI's step {self._steps + 1}"
         validate = self.check == "always" or not self._validated
         error, local = None, None
-        try:
-            local = self._local_loss(x, y, noise)
-        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
-            if self._group is None or not validate:
-                raise
-            error = e
+        if self._group is not None and not validate:  # the others go on into backward's reduction
+            with failing_fast(what):
+                local = self._local_loss(x, y, noise)
+        else:
+            try:
+                local = self._local_loss(x, y, noise)
+            except Exception as e:  # noqa: BLE001 - re-raised on every rank by the check
+                if self._group is None:
+                    raise
+                error = e
         total = local.detach().clone() if local is not None else None
         if validate and self._group is not None:
             value = step_check(
@@ -466,9 +487,10 @@ class MeanFieldVI(torch.nn.Module):
             work = dist.all_reduce(total, group=self._group, async_op=True)
         else:
             work = None
-        local.backward()
-        if work is not None:
-            work.wait()
+        with failing_fast(what):  # the others wait in the gradient reduction
+            local.backward()
+            if work is not None:
+                work.wait()
         self._steps += 1
         self._validated = True
         if self.check == "always" and not torch.isfinite(total):
@@ -482,10 +504,11 @@ class MeanFieldVI(torch.nn.Module):
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """The global loss on ``(x, y)`` without gradients (a collective on a mesh)."""
         weight, ll_scale = self._scales(y)
-        with self._rng("eval"):
-            local = self.posterior(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik)
-        if self._group is not None:
-            dist.all_reduce(local, group=self._group)
+        with failing_fast("MeanFieldVI.loss"):
+            with self._rng("eval"):
+                local = self.posterior(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik)
+            if self._group is not None:
+                dist.all_reduce(local, group=self._group)
         return float(local)
 
     @torch.no_grad()
@@ -498,10 +521,11 @@ class MeanFieldVI(torch.nn.Module):
         if not isinstance(num_samples, int) or num_samples < self.mesh.sample:
             raise ValueError(f"Expected num_samples >= {self.mesh.sample}, got {num_samples!r}.")
         lo, hi = self.mesh.particle_share(num_samples)
-        with self._rng("eval"):
-            out = self.posterior.outputs(self.posterior.sample(hi - lo, None)[0], (x,), {})
         group = self.mesh.get_optional_group("sample")
-        return gather_rows([out], share_counts(num_samples, self.mesh.sample), group=group)[0]
+        with failing_fast("MeanFieldVI.predict"):
+            with self._rng("eval"):
+                out = self.posterior.outputs(self.posterior.sample(hi - lo, None)[0], (x,), {})
+            return gather_rows([out], share_counts(num_samples, self.mesh.sample), group=group)[0]
 
     # ---- interoperation with Pyro -------------------------------------------------------
     def _store_names(self, prefix: str):
