@@ -62,6 +62,8 @@ _WATCHDOG: threading.Thread | None = None
 _ABORTED = threading.Event()
 _STOP = threading.Event()
 _REASON = [""]
+#: Words of the messages of gloo's and NCCL's errors (raised as plain ``RuntimeError``).
+_TRANSPORT_WORDS = ("gloo", "NCCL", "Connection closed", "Connection reset", "pair closure", "Timed out", "timed out")
 
 
 def _store():
@@ -107,7 +109,7 @@ def is_transport_error(error: BaseException) -> bool:
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
     text = str(error)
-    return isinstance(error, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection closed", "Connection reset"))
+    return isinstance(error, RuntimeError) and any(k in text for k in _TRANSPORT_WORDS)
 
 
 def _note_peer_gone(error: BaseException, what: str) -> None:

@@ -97,7 +97,7 @@ JOB = textwrap.dedent(
     out, case = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     # a long timeout: an error after seconds is pyro_sp's doing, not the timeout's
-    mesh = pyro_sp.init_mesh(timeout=datetime.timedelta(seconds=90))
+    mesh = pyro_sp.init_mesh(timeout=datetime.timedelta(seconds=5 if case == "hang" else 90))
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
     vi = MeanFieldVI(BayesianModule(net), num_particles=4, mesh=mesh, seed=0)
@@ -118,11 +118,14 @@ JOB = textwrap.dedent(
     try:
         if mesh.rank == 1 and case == "backward":
             fail["on"] = True
+        if mesh.rank == 1 and case == "hang":
+            time.sleep(15)  # stops answering, without an error
         bad = x[:, :3] if (mesh.rank == 1 and case == "forward") else x  # a bad batch on one rank
         vi.step(opt, bad, y)
         record["error"] = None
     except Exception as e:
         record["error"] = (type(e).__name__, str(e))
+        record["notes"] = getattr(e, "__notes__", [])
     record["seconds"] = time.perf_counter() - start
     fail["on"] = False
     try:
@@ -161,3 +164,17 @@ def test_mean_field_failure_stops_every_rank_within_seconds(tmp_path, case):
         assert r["next"][0] == "RuntimeError" and "MeanFieldVI cannot take step 3" in r["next"][1]
         assert "rank 1" in r["next"][1] and "Restart the job" in r["next"][1]
         assert r["mesh"][0] == "RuntimeError" and "stopped this job's process groups" in r["mesh"][1]
+
+
+def test_a_rank_that_stops_answering_is_a_timeout_error_naming_it(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(JOB)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(script), str(tmp_path), "hang"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    waiting = json.loads((tmp_path / "rank0.json").read_text())
+    assert waiting["error"][0] == "RuntimeError", waiting
+    assert 4 < waiting["seconds"] < 12, waiting["seconds"]  # init_mesh(timeout=5 s), not longer
+    assert any("a peer stopped answering without reporting an error" in n for n in waiting["notes"]), waiting
+    assert waiting["next"][0] == "RuntimeError" and "MeanFieldVI cannot take step 3" in waiting["next"][1]

@@ -276,3 +276,40 @@ def test_demo_checks_its_dependencies_before_launching(capsys, monkeypatch):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "needs matplotlib" in err and "pip install 'pyro-sp[demo]'" in err
+
+
+def _extras() -> dict[str, set[str]]:
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+    raw = cfg["options.extras_require"]
+    return {k: {line.strip() for line in v.splitlines() if line.strip()} for k, v in raw.items()}
+
+
+@pytest.mark.parametrize("feature,blocked,package", [
+    ("digits", "sklearn", "scikit-learn"),
+    ("sunspots", "statsmodels", "statsmodels"),
+    ("plots", "matplotlib", "matplotlib"),
+])
+def test_optional_features_name_an_extra_that_has_them(monkeypatch, tmp_path, feature, blocked, package):
+    """Each optional feature fails before any work, naming an extra that really contains what it needs."""
+    import re
+    import sys as _sys
+
+    for name in list(_sys.modules):
+        if name == blocked or name.startswith(blocked + "."):
+            monkeypatch.delitem(_sys.modules, name)
+    monkeypatch.setitem(_sys.modules, blocked, None)  # import raises ImportError
+    calls = {
+        "digits": lambda: load_digits(),
+        "sunspots": lambda: load_sunspots(window=12),
+        "plots": lambda: pyro_sp.uq.reliability_diagram(torch.full((4, 3), 1 / 3), torch.zeros(4, dtype=torch.long),
+                                                        str(tmp_path / "r.png")),
+    }
+    with pytest.raises(ImportError) as e:
+        calls[feature]()
+    extra = re.search(r"pip install 'pyro-sp\[(\w+)\]'", str(e.value))
+    assert extra, str(e.value)
+    assert package in _extras()[extra.group(1)], (extra.group(1), _extras())
+    assert {"scikit-learn", "matplotlib"} <= _extras()["demo"]

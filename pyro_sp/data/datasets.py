@@ -52,12 +52,12 @@ def load_sunspots(window: int = 24, test_fraction: float = 0.2) -> Split:
     predict year ``t`` from the ``window`` years before it (standardised with
     the training part's mean and deviation). The test part is the last
     ``test_fraction`` of the years: a forecast, not a shuffled split.
-    Needs statsmodels.
+    Needs statsmodels (``pip install "pyro-sp[data]"``).
     """
     try:
         from statsmodels.datasets import sunspots
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("load_sunspots needs statsmodels: pip install statsmodels.") from e
+        raise ImportError("load_sunspots needs statsmodels: pip install 'pyro-sp[data]'.") from e
     series = torch.tensor(sunspots.load_pandas().data["SUNACTIVITY"].to_numpy(), dtype=torch.float32)
     cut = int(len(series) * (1 - test_fraction))
     mean, std = series[:cut].mean(), series[:cut].std()
