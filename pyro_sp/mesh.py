@@ -9,14 +9,17 @@ a multi-GPU host a sample group shares the fastest links.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from pyro_sp.failure import check_not_aborted, start_watchdog
+from pyro_sp.failure import aborted, check_not_aborted, start_watchdog, stop_watchdog
 
 __all__ = ["SPMesh", "default_mesh", "init_mesh", "particle_share", "share_counts"]
 
@@ -90,6 +93,7 @@ class SPMesh:
         check_not_aborted()
         if dist.is_available() and dist.is_initialized():
             self._distributed, self._rank, self._world = True, dist.get_rank(), dist.get_world_size()
+            _register_teardown()
         for name, value in (("sample", self.sample), ("data", self.data)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(
@@ -230,6 +234,45 @@ def default_mesh() -> SPMesh:
     if dist.is_available() and dist.is_initialized():
         return SPMesh(sample=dist.get_world_size(), data=1)
     return SPMesh()
+
+
+_TEARDOWN_REGISTERED = [False]
+
+
+def _register_teardown() -> None:
+    """Register :func:`_teardown` once per process (by any mesh built over a process group)."""
+    if not _TEARDOWN_REGISTERED[0]:
+        _TEARDOWN_REGISTERED[0] = True
+        atexit.register(_teardown)
+
+
+def _teardown() -> None:
+    """
+    End the distributed part of a process cleanly at interpreter exit, while
+    the interpreter is still whole.
+
+    Gloo's worker threads free each finished collective's tensors after the
+    caller has seen the result; a tensor with a Python object needs the GIL
+    to be freed. If that happens while the interpreter finalizes, the thread
+    is stopped inside a C++ frame and the process aborts ("terminate called
+    without an active exception", SIGABRT: a finished job that the launcher
+    reports as failed; seen in core dumps as
+    ``ProcessGroupGloo::runLoop → ~AsyncAllreduceWork → THPVariable_dealloc →
+    take_gil → pthread_exit``). Here, at ``atexit``: the failure watchdog is
+    stopped; the process groups are destroyed if the script did not do it
+    (after a failure they are left alone, as destroying groups that peers
+    still use can hang); and the worker threads get a moment, with the GIL
+    released, to free what they still hold.
+    """
+    stop_watchdog()
+    if aborted() or getattr(sys, "last_value", None) is not None:
+        return
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    time.sleep(0.05)
 
 
 def _in_torchrun() -> bool:
