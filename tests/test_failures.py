@@ -178,3 +178,15 @@ def test_a_rank_that_stops_answering_is_a_timeout_error_naming_it(tmp_path):
     assert 4 < waiting["seconds"] < 12, waiting["seconds"]  # init_mesh(timeout=5 s), not longer
     assert any("a peer stopped answering without reporting an error" in n for n in waiting["notes"]), waiting
     assert waiting["next"][0] == "RuntimeError" and "MeanFieldVI cannot take step 3" in waiting["next"][1]
+
+
+def test_finished_jobs_exit_zero(tmp_path):
+    """A few launches of the repeat test in benchmarks/clean_exit.py (50 per mesh shape there, see README)."""
+    out = tmp_path / "clean_exit.json"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "clean_exit.py"), "--launches", "2",
+           "--shapes", "sample,data", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=REPO)
+    result = json.loads(out.read_text())
+    failures = {k: v["failures"] for k, v in result.items() if v["failed"]}
+    assert proc.returncode == 0 and not failures, failures or proc.stderr[-2000:]
+    assert {k: v["launches"] for k, v in result.items()} == {"sample": 2, "data": 2}
