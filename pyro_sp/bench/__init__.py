@@ -23,7 +23,7 @@ import json
 import os
 import sys
 
-__all__ = ["SUITES", "exit_rank", "format_result", "main"]
+__all__ = ["SUITES", "format_result", "main"]
 
 #: suite name -> (module, its own suite name, launched with one process per rank)
 SUITES = {
@@ -34,21 +34,6 @@ SUITES = {
     "gpu-scaling": ("pyro_sp.bench.gpu", "scaling", True),
     "gpu-memory": ("pyro_sp.bench.gpu", "memory", False),
 }
-
-
-def exit_rank(code: int = 0) -> None:
-    """
-    End a benchmark rank (a process under torchrun) now, once its results are
-    written. With PyTorch 2.13 and gloo, a process that ran Pyro SVI steps and a
-    collective aborted at interpreter exit in 4 to 9 of 20 runs ("terminate
-    called without an active exception", after ``destroy_process_group()`` had
-    returned on every rank, so in C++ static destruction, not in pyro_sp's
-    code); the launcher then reports the run as failed. Skipping the
-    interpreter's teardown avoids it.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def _fmt(cell) -> str:

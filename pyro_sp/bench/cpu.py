@@ -362,8 +362,4 @@ def run(argv=None, prog: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run()
-    if "RANK" in os.environ:  # a rank under torchrun: see pyro_sp.bench.exit_rank
-        from pyro_sp.bench import exit_rank
-
-        exit_rank()
+    run()  # a rank under torchrun exits cleanly through pyro_sp.mesh's teardown
