@@ -190,3 +190,28 @@ def test_finished_jobs_exit_zero(tmp_path):
     failures = {k: v["failures"] for k, v in result.items() if v["failed"]}
     assert proc.returncode == 0 and not failures, failures or proc.stderr[-2000:]
     assert {k: v["launches"] for k, v in result.items()} == {"sample": 2, "data": 2}
+
+
+def evaluation_fails_on_rank_1(which: str):
+    from pyro_sp.nn import BayesianModule, MeanFieldVI
+
+    mesh = pyro_sp.SPMesh(sample=2)
+    torch.manual_seed(0)
+    vi = MeanFieldVI(BayesianModule(torch.nn.Linear(4, 3)), num_particles=4, mesh=mesh, seed=0)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    bad = x[:, :3] if mesh.rank == 1 else x  # a bad evaluation batch on one rank
+    try:
+        vi.loss(bad, y) if which == "loss" else vi.predict(bad, 4)
+        outcome = None
+    except Exception as e:  # noqa: BLE001 - what every rank saw
+        outcome = type(e).__name__
+    # no abort: evaluation and training go on
+    opt = torch.optim.SGD(vi.parameters(), lr=0.1)
+    return outcome, float(vi.step(opt, x, y)), vi.loss(x, y), tuple(vi.predict(x, 4).shape)
+
+
+@pytest.mark.parametrize("which", ["loss", "predict"])
+def test_a_failing_evaluation_is_an_error_on_every_rank_and_the_job_goes_on(pools, which):
+    (own, step1, loss1, shape1), (other, step0, loss0, shape0) = pools(2).run(evaluation_fails_on_rank_1, which)[::-1]
+    assert own == "RuntimeError" and other == "RankError"
+    assert step0 == step1 and loss0 == loss1 and shape0 == shape1 == (4, 6, 3)

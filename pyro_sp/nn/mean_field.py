@@ -487,7 +487,8 @@ class MeanFieldVI(torch.nn.Module):
             work = dist.all_reduce(total, group=self._group, async_op=True)
         else:
             work = None
-        with failing_fast(what):  # the others wait in the gradient reduction
+        # the others wait in the gradient reduction: a failure here stops them at once
+        with failing_fast(what) if self._group is not None else contextlib.nullcontext():
             local.backward()
             if work is not None:
                 work.wait()
@@ -504,12 +505,17 @@ class MeanFieldVI(torch.nn.Module):
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """The global loss on ``(x, y)`` without gradients (a collective on a mesh)."""
         weight, ll_scale = self._scales(y)
-        with failing_fast("MeanFieldVI.loss"):
+        if self._group is None:
             with self._rng("eval"):
-                local = self.posterior(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik)
-            if self._group is not None:
-                dist.all_reduce(local, group=self._group)
-        return float(local)
+                return float(self.posterior(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik))
+        error, local = None, 0.0
+        try:
+            with self._rng("eval"):
+                local = float(self.posterior(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik))
+        except Exception as e:  # noqa: BLE001 - raised on every rank by the check
+            error = e
+        # the loss sum and a failure flag in one all-reduce: a failure is an error on every rank
+        return step_check(local, 0, error, group=self._group, device=self.mesh.device, what="MeanFieldVI.loss")
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, num_samples: int) -> torch.Tensor | None:
@@ -522,10 +528,19 @@ class MeanFieldVI(torch.nn.Module):
             raise ValueError(f"Expected num_samples >= {self.mesh.sample}, got {num_samples!r}.")
         lo, hi = self.mesh.particle_share(num_samples)
         group = self.mesh.get_optional_group("sample")
-        with failing_fast("MeanFieldVI.predict"):
+        error, out = None, None
+        try:
             with self._rng("eval"):
                 out = self.posterior.outputs(self.posterior.sample(hi - lo, None)[0], (x,), {})
-            return gather_rows([out], share_counts(num_samples, self.mesh.sample), group=group)[0]
+        except Exception as e:  # noqa: BLE001 - raised on every rank of the group by the check
+            if group is None:
+                raise
+            error = e
+        if group is not None:  # before the gather, so that no rank waits in it for a failed one
+            step_check(0.0, layout_signature(None if out is None else tuple(out.shape[1:])), error,
+                       group=group, device=self.mesh.device, what="MeanFieldVI.predict",
+                       describe=lambda: {"output shape": None if out is None else tuple(out.shape[1:])})
+        return gather_rows([out], share_counts(num_samples, self.mesh.sample), group=group)[0]
 
     # ---- interoperation with Pyro -------------------------------------------------------
     def _store_names(self, prefix: str):
