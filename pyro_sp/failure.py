@@ -227,36 +227,19 @@ def explain(error: BaseException, what: str, world: int | None = None) -> BaseEx
     return out
 
 
-@contextlib.contextmanager
-def explained(what: str) -> Iterator[None]:
-    """
-    Turn a collective's failure inside the block (a ``RuntimeError`` from
-    gloo or NCCL after a peer aborted) into the :class:`~pyro_sp.RankError`
-    that names the rank that failed first (see :func:`explain`). Other
-    exceptions pass through; costs nothing when nothing fails.
-    """
-    try:
-        yield
-    except RankError:
-        raise
-    except RuntimeError as e:
-        if not (dist.is_available() and dist.is_initialized()) or not is_transport_error(e):
-            raise
-        better = explain(e, what)
-        if better is e:
-            _note_peer_gone(e, what)
-            raise
-        raise better from e
+def _explain_transport(error: BaseException, what: str) -> BaseException:
+    """:func:`explain` for a backend error, with a note when no rank posted one; other errors as they are."""
+    if not is_transport_error(error):
+        return error
+    better = explain(error, what)
+    if better is error:
+        _note_peer_gone(error, what)
+    return better
 
 
 @contextlib.contextmanager
-def failing_fast(what: str) -> Iterator[None]:
-    """
-    For a block after which (or inside which) the other ranks wait in a
-    collective: an exception inside it is raised through :func:`fail_fast`,
-    so the others stop at once instead of waiting for the timeout. Costs
-    nothing when nothing fails; a no-op without a process group.
-    """
+def _raising(what: str, convert) -> Iterator[None]:
+    """Raise an exception of the block as ``convert(error, what)`` (chained), or as itself."""
     try:
         yield
     except RankError:
@@ -264,10 +247,30 @@ def failing_fast(what: str) -> Iterator[None]:
     except Exception as e:
         if not (dist.is_available() and dist.is_initialized()):
             raise
-        better = fail_fast(e, what)
+        better = convert(e, what)
         if better is e:
             raise
         raise better from e
+
+
+def explained(what: str):
+    """
+    Turn a collective's failure inside the block (a ``RuntimeError`` from
+    gloo or NCCL after a peer aborted) into the :class:`~pyro_sp.RankError`
+    that names the rank that failed first (see :func:`explain`). Other
+    exceptions pass through; costs nothing when nothing fails.
+    """
+    return _raising(what, _explain_transport)
+
+
+def failing_fast(what: str):
+    """
+    For a block after which (or inside which) the other ranks wait in a
+    collective: an exception inside it is raised through :func:`fail_fast`,
+    so the others stop at once instead of waiting for the timeout. Costs
+    nothing when nothing fails; a no-op without a process group.
+    """
+    return _raising(what, fail_fast)
 
 
 def start_watchdog(interval: float = 1.0) -> bool:

@@ -230,10 +230,9 @@ def default_mesh() -> SPMesh:
     The mesh used when none is given: every rank of the default process group
     on the sample axis, or the single-process mesh when there is no group.
     """
-    check_not_aborted()
     if dist.is_available() and dist.is_initialized():
         return SPMesh(sample=dist.get_world_size(), data=1)
-    return SPMesh()
+    return SPMesh()  # refuses to be built after an abort (SPMesh.__post_init__)
 
 
 _TEARDOWN_REGISTERED = [False]

@@ -537,9 +537,9 @@ class MeanFieldVI(torch.nn.Module):
                 raise
             error = e
         if group is not None:  # before the gather, so that no rank waits in it for a failed one
-            step_check(0.0, layout_signature(None if out is None else tuple(out.shape[1:])), error,
-                       group=group, device=self.mesh.device, what="MeanFieldVI.predict",
-                       describe=lambda: {"output shape": None if out is None else tuple(out.shape[1:])})
+            shape = None if out is None else tuple(out.shape[1:])
+            step_check(0.0, layout_signature(shape), error, group=group, device=self.mesh.device,
+                       what="MeanFieldVI.predict", describe=lambda: {"output shape": shape})
         return gather_rows([out], share_counts(num_samples, self.mesh.sample), group=group)[0]
 
     # ---- interoperation with Pyro -------------------------------------------------------
