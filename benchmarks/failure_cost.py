@@ -33,7 +33,7 @@ def main() -> None:
     torch.set_num_threads(1)
     mesh = pyro_sp.init_mesh()
     if watchdog:
-        from pyro_sp.failure import start_watchdog
+        from pyro_sp.distributed.failure import start_watchdog
 
         start_watchdog()
     pyro.set_rng_seed(0)

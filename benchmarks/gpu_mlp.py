@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pyro_sp  # noqa: E402
 from benchmarks.core import bnn_model  # noqa: E402
-from pyro_sp.collectives import record_collectives  # noqa: E402
+from pyro_sp.distributed.record import record_collectives  # noqa: E402
 from pyro_sp.nn import BayesianModule, categorical_likelihood  # noqa: E402
 
 SIZES = (3072, 2048, 2048, 10)

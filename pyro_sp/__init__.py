@@ -5,11 +5,8 @@ Split the vectorized particles of an ELBO over ``torch.distributed`` ranks and
 get exactly the single-process estimator back.
 """
 
-from pyro_sp import data, nn, poutine, uq
+from pyro_sp import data, distributed, nn, poutine, uq
 from pyro_sp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from pyro_sp.collectives import record_collectives
-from pyro_sp.errors import RankError
-from pyro_sp.fingerprint import rank_local
 from pyro_sp.forecast import DistributedForecaster
 from pyro_sp.infer import (
     DistributedELBO,
@@ -26,8 +23,17 @@ from pyro_sp.infer import (
     DistributedTraceTailAdaptive_ELBO,
     DistributedTraceTMC_ELBO,
 )
-from pyro_sp.mesh import SPMesh, default_mesh, init_mesh, particle_share, share_counts
-from pyro_sp.rng import RNGStream
+from pyro_sp.distributed import (
+    RankError,
+    RNGStream,
+    SPMesh,
+    default_mesh,
+    init_mesh,
+    particle_share,
+    rank_local,
+    record_collectives,
+    share_counts,
+)
 
 __version__ = "0.1.0"
 
@@ -53,6 +59,7 @@ __all__ = [
     "__version__",
     "data",
     "default_mesh",
+    "distributed",
     "init_mesh",
     "load_checkpoint",
     "nn",

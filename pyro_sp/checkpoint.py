@@ -15,10 +15,19 @@ Rank 0 writes; every rank reads. A checkpoint cannot be silently wrong:
   that was killed is removed by the next :func:`save_checkpoint`.
 - **No rank left waiting.** Whether rank 0 wrote the file and whether every
   rank read it is agreed in one small collective
-  (:func:`~pyro_sp.collectives.step_check`): a failure on one rank (a full
+  (:func:`~pyro_sp.distributed.guard.guarded`): a failure on one rank (a full
   disk on rank 0, a file another node cannot see) is an error on every rank.
 
 Resuming continues the run exactly as if it had not stopped.
+
+**One protocol.** Everything a checkpoint holds is saved through
+``state_dict()`` and restored through ``load_state_dict(state)``: the objects
+that are the same on every rank (``objects=``: a ``MeanFieldVI``, a
+``torch.optim`` optimizer, a ``pyro.optim`` optimizer given as ``optim=``,
+written by rank 0) and the per-rank ones (``rank_objects=``: an
+:class:`~pyro_sp.data.Augmenter`, the estimator given as ``elbo=``; every
+rank's own). Pyro's param store and every rank's global random state are
+always saved. :func:`~pyro_sp.train.fit` drives either training path with it.
 """
 
 from __future__ import annotations
@@ -33,8 +42,8 @@ import pyro
 import torch
 import torch.distributed as dist
 
-from pyro_sp.collectives import step_check
-from pyro_sp.mesh import SPMesh
+from pyro_sp.distributed.guard import guarded
+from pyro_sp.distributed.mesh import SPMesh
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -52,7 +61,7 @@ class CheckpointError(ValueError):
     :param str path: the file.
     :param str fault: what is wrong: ``"missing"``, ``"empty"``,
         ``"not a checkpoint"``, ``"truncated"``, ``"length"``, ``"checksum"``,
-        ``"unreadable"``, ``"version"`` or ``"mesh"``.
+        ``"unreadable"``, ``"version"``, ``"mesh"`` or ``"objects"``.
     :param str detail: the sentence that explains it.
     :param str fix: what to do (default: restore a copy or start afresh).
     """
@@ -60,6 +69,35 @@ class CheckpointError(ValueError):
     def __init__(self, path: str, fault: str, detail: str, fix: str = _FIX) -> None:
         self.path, self.fault = path, fault
         super().__init__(f"Cannot resume from the checkpoint {path!r}: {detail} {fix}")
+
+
+class _PyroOptimState:
+    """A :class:`pyro.optim.PyroOptim` seen through the one protocol (its ``get_state``/``set_state``)."""
+
+    def __init__(self, optim) -> None:
+        self.optim = optim
+
+    def state_dict(self) -> dict:
+        return self.optim.get_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optim.set_state(state)
+
+
+def _shared_objects(optim, objects: dict | None) -> dict:
+    """The objects saved once, from rank 0, by name (``optim`` under ``"optim"``)."""
+    out = dict(objects or {})
+    if optim is not None:
+        if "optim" in out:
+            raise ValueError("Expected the Pyro optimizer either as optim= or in objects=, got both.")
+        out["optim"] = _PyroOptimState(optim)
+    for name, obj in out.items():
+        if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+            raise TypeError(
+                f"Expected objects[{name!r}] to have state_dict() and load_state_dict(), got "
+                f"{type(obj).__name__}. Save it under extra=, or give it the two methods."
+            )
+    return out
 
 
 def _local_params(elbo) -> dict:
@@ -71,6 +109,7 @@ def _local_params(elbo) -> dict:
 
 
 def _rank_state(elbo, rank_objects: dict) -> dict:
+    """This rank's part: its global random state, per-rank objects and parameters."""
     state = {
         "torch": torch.get_rng_state(),
         "objects": {k: v.state_dict() for k, v in rank_objects.items()},
@@ -180,6 +219,7 @@ def save_checkpoint(
     epoch: int = 0,
     optim=None,
     elbo=None,
+    objects: dict | None = None,
     rank_objects: dict | None = None,
     extra: dict | None = None,
 ) -> None:
@@ -191,43 +231,54 @@ def save_checkpoint(
     :param int step: global step count.
     :param int epoch: epoch count.
     :param optim: a :class:`pyro.optim.PyroOptim` (its per-parameter state).
-    :param elbo: a distributed ELBO (its per-rank random streams).
+    :param elbo: a distributed ELBO (its per-rank state).
+    :param dict objects: objects equal on every rank, with ``state_dict`` /
+        ``load_state_dict`` (a ``MeanFieldVI``, a ``torch.optim`` optimizer), by name.
     :param dict rank_objects: per-rank objects with ``state_dict``/``load_state_dict``
         (e.g. an :class:`~pyro_sp.data.Augmenter`).
     :param dict extra: anything else picklable, from rank 0.
     :raises OSError: on rank 0 if it cannot write the file (and
         :class:`~pyro_sp.RankError` naming that error on the other ranks).
     """
+    shared = _shared_objects(optim, objects)
     mine = _rank_state(elbo, rank_objects or {})
     if mesh.is_distributed:
         ranks = [None] * mesh.world_size if mesh.rank == 0 else None
         dist.gather_object(mine, ranks, dst=0)
     else:
         ranks = [mine]
-    error = None
-    if mesh.rank == 0:
+
+    def write() -> None:
+        if mesh.rank != 0:
+            return
         state = {
             "version": _VERSION,
             "mesh": (mesh.sample, mesh.data),
             "step": step,
             "epoch": epoch,
             "param_store": pyro.get_param_store().get_state(),
-            "optim": None if optim is None else optim.get_state(),
+            "objects": {name: obj.state_dict() for name, obj in shared.items()},
             "ranks": ranks,
             "extra": extra,
         }
-        try:
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
-            _write(path, buffer.getvalue())
-        except Exception as e:  # noqa: BLE001 - raised on every rank by the check
-            error = e
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        _write(path, buffer.getvalue())
+
     group = dist.group.WORLD if mesh.is_distributed else None
-    step_check(0.0, 0, error, group=group, device=mesh.device, what=f"save_checkpoint({path!r})",
-               hint="No checkpoint was written at this step.")
+    guarded(write, group=group, what=f"save_checkpoint({path!r})", device=mesh.device,
+            hint="No checkpoint was written at this step.")
 
 
-def load_checkpoint(path: str, *, mesh: SPMesh, optim=None, elbo=None, rank_objects: dict | None = None) -> dict:
+def load_checkpoint(
+    path: str,
+    *,
+    mesh: SPMesh,
+    optim=None,
+    elbo=None,
+    objects: dict | None = None,
+    rank_objects: dict | None = None,
+) -> dict:
     """
     Restore a checkpoint written by :func:`save_checkpoint` on every rank
     (collective). Parameters go to this rank's device (its CUDA device under
@@ -247,9 +298,15 @@ def load_checkpoint(path: str, *, mesh: SPMesh, optim=None, elbo=None, rank_obje
         version or written by another mesh; the message names the file, the
         fault and the fix (:class:`~pyro_sp.RankError` on the other ranks).
     """
-    state, error = None, None
-    try:
+    shared = _shared_objects(optim, objects)
+    def read() -> dict:
         state = _read(path)
+        missing = sorted(set(shared) - set(state.get("objects", {})))
+        if missing:
+            raise CheckpointError(
+                path, "objects", f"it holds no state for {missing} (it has {sorted(state.get('objects', {}))}).",
+                "Resume with the objects the run that wrote it saved.",
+            )
         if tuple(state["mesh"]) != (mesh.sample, mesh.data):
             s, d = state["mesh"]
             raise CheckpointError(
@@ -258,11 +315,11 @@ def load_checkpoint(path: str, *, mesh: SPMesh, optim=None, elbo=None, rank_obje
                 f"sample={mesh.sample}, data={mesh.data} ({mesh.world_size} ranks).",
                 "Resume with the same number of ranks and the same degrees.",
             )
-    except Exception as e:  # noqa: BLE001 - raised on every rank by the check
-        error = e
+        return state
+
     group = dist.group.WORLD if mesh.is_distributed else None
-    step_check(0.0, 0, error, group=group, device=mesh.device, what=f"load_checkpoint({path!r})",
-               hint="No rank resumed.")
+    state, _ = guarded(read, group=group, what=f"load_checkpoint({path!r})", device=mesh.device,
+                       hint="No rank resumed.")
     params = state["param_store"]
     mine = state["ranks"][mesh.rank]
     values = dict(params["params"])
@@ -274,8 +331,8 @@ def load_checkpoint(path: str, *, mesh: SPMesh, optim=None, elbo=None, rank_obje
             "constraints": dict(params["constraints"]),
         }
     )
-    if optim is not None and state["optim"] is not None:
-        optim.set_state(state["optim"])
+    for name, obj in shared.items():
+        obj.load_state_dict(state["objects"][name])
     torch.set_rng_state(mine["torch"])
     if "cuda" in mine and torch.cuda.is_available():
         torch.cuda.set_rng_state(mine["cuda"])

@@ -102,26 +102,6 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def launch_module(module: str, args: list[str], nproc: int, prog: str = "pyro-sp") -> int:
-    """``python -m torch.distributed.run --standalone --nproc-per-node nproc -m module *args``,
-    in this process, with ``args`` kept out of the launcher's option parser (which would
-    take an option such as ``--start`` for its ``--start-method``). Returns the exit code."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
-
-    launcher = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "--module", module, "placeholder"]
-    )
-    launcher.training_script_args = list(args)
-    try:
-        run(launcher)
-    except ChildFailedError as e:
-        failures = "; ".join(f"rank {r}: exit code {f.exitcode}" for r, f in sorted(e.failures.items()))
-        print(f"{prog}: a rank failed ({failures}); see its error above.", file=sys.stderr)
-        return 1
-    return 0
-
-
 def _check_demo_dependencies(p: argparse.ArgumentParser) -> None:
     """Fail before launching any rank when the demo's extra is not installed (once, not per rank)."""
     import importlib.util
@@ -265,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     _validate(parser, a)
     _check_demo_dependencies(parser)
     if a.nproc > 1 and "RANK" not in os.environ:
+        from pyro_sp.distributed.launch import launch_module
+
         return launch_module("pyro_sp.cli", _without_nproc(argv), a.nproc)
     return _demo(a)
 

@@ -18,7 +18,7 @@ from pyro.infer.autoguide import init_to_sample
 from pyro.optim import DCTAdam
 
 from pyro_sp.infer import DistributedTrace_ELBO
-from pyro_sp.mesh import SPMesh
+from pyro_sp.distributed.mesh import SPMesh
 
 __all__ = ["DistributedForecaster"]
 

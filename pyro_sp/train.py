@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pyro_sp.checkpoint import load_checkpoint, save_checkpoint
 from pyro_sp.data.sampler import ShardedBatchSampler
-from pyro_sp.mesh import SPMesh
+from pyro_sp.distributed.mesh import SPMesh
 
 __all__ = ["MetricsLog", "fit"]
 
@@ -51,13 +51,14 @@ class MetricsLog:
 
 
 def fit(
-    svi,
+    step,
     sampler: ShardedBatchSampler,
     batch: Callable[[torch.Tensor], tuple],
     *,
     epochs: int,
     mesh: SPMesh,
     elbo=None,
+    objects: dict | None = None,
     checkpoint: str | None = None,
     checkpoint_every: int = 0,
     rank_objects: dict | None = None,
@@ -66,12 +67,20 @@ def fit(
     on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """
-    Run ``epochs`` epochs of ``svi.step(*batch(indices))`` over ``sampler``.
+    Run ``epochs`` epochs of ``step(*batch(indices))`` over ``sampler``, for
+    either training path:
+
+    - an :class:`~pyro.infer.SVI` (its ``svi.step``; its optimizer and
+      estimator are checkpointed, and the model and guide primed on resume);
+    - any callable ``step(*args)`` returning the step's global loss (a float
+      or a 0-d tensor), e.g. ``lambda x, y: vi.step(optimizer, x, y)`` for a
+      :class:`~pyro_sp.nn.MeanFieldVI`, with ``objects={"vi": vi,
+      "optimizer": optimizer}`` to checkpoint what it trains.
 
     With ``checkpoint`` set, a checkpoint is written every ``checkpoint_every``
     steps and at the end, and a run that finds the file resumes from it
-    (parameters, optimizer, step, epoch, position in the epoch, every rank's
-    random streams), continuing exactly where it stopped.
+    (parameters, every object's ``state_dict``, step, epoch, position in the
+    epoch, every rank's random streams), continuing exactly where it stopped.
 
     On resume, what Pyro sets up lazily on a first call and draws from the
     global RNG for (an autoguide's prototype, the estimator's
@@ -82,29 +91,38 @@ def fit(
     A non-finite loss stops every rank (the loss is the same on all of them)
     with :class:`FloatingPointError` naming the step.
 
+    :param step: an ``SVI``, or a callable taking a batch and returning its loss.
+    :param dict objects: objects equal on every rank to checkpoint, by name
+        (``state_dict`` / ``load_state_dict``; see :func:`~pyro_sp.save_checkpoint`).
     :returns: ``{"step", "loss", "seconds", "resumed_from"}``.
     """
     log = log or MetricsLog(None, mesh=mesh)
-    if elbo is None:  # SVI keeps the estimator's bound loss_and_grads
-        candidate = getattr(getattr(svi, "loss_and_grads", None), "__self__", None)
-        elbo = candidate if hasattr(candidate, "load_state_dict") else None
-    step, resumed_from = 0, None
+    svi = step if _is_svi(step) else None
+    optim = None
+    if svi is not None:
+        optim, step = svi.optim, svi.step
+        if elbo is None:  # SVI keeps the estimator's bound loss_and_grads
+            candidate = getattr(getattr(svi, "loss_and_grads", None), "__self__", None)
+            elbo = candidate if hasattr(candidate, "load_state_dict") else None
+    elif not callable(step):
+        raise TypeError(f"Expected an SVI or a callable step(*batch) -> loss, got {type(step).__name__}.")
+    state = {"optim": optim, "elbo": elbo, "objects": objects, "rank_objects": rank_objects}
+    done, resumed_from = 0, None
     resume = bool(checkpoint) and os.path.exists(checkpoint)
     if mesh.is_distributed:  # rank 0 decides, so that no rank resumes alone
         flag = [resume]
         torch.distributed.broadcast_object_list(flag, src=0)
         resume = flag[0]
     if resume:
-        info = load_checkpoint(checkpoint, mesh=mesh, optim=svi.optim, elbo=elbo, rank_objects=rank_objects)
-        step = resumed_from = info["step"]
+        done = resumed_from = load_checkpoint(checkpoint, mesh=mesh, **state)["step"]
     per_epoch = len(sampler)
     total = epochs * per_epoch
-    bar = tqdm(total=total, initial=step, disable=not progress or mesh.rank != 0, desc="SVI", unit="step")
-    loss, start = float("nan"), time.perf_counter()
-    done = step
-    primed = not resume
-    while step < total:
-        epoch, offset = divmod(step, per_epoch)
+    bar = tqdm(total=total, initial=done, disable=not progress or mesh.rank != 0, desc="SVI" if svi else "train",
+               unit="step")
+    loss, start, count = float("nan"), time.perf_counter(), done
+    primed = svi is None or not resume
+    while count < total:
+        epoch, offset = divmod(count, per_epoch)
         sampler.set_epoch(epoch)
         for i, idx in enumerate(sampler):
             if i < offset:
@@ -113,27 +131,32 @@ def fit(
             if not primed:
                 prime(svi.model, svi.guide, args, elbo=elbo)
                 primed = True
-            loss = svi.step(*args)
+            loss = float(step(*args))
             if not math.isfinite(loss):
                 raise FloatingPointError(
-                    f"The loss is {loss} at step {step + 1} (epoch {epoch}); every rank stops here. "
+                    f"The loss is {loss} at step {count + 1} (epoch {epoch}); every rank stops here. "
                     "Lower the learning rate or check the model."
                 )
-            step += 1
+            count += 1
             elapsed = time.perf_counter() - start
-            rate = (step - done) / elapsed if elapsed > 0 else 0.0
-            log.write(step=step, epoch=epoch, loss=loss, steps_per_second=rate)
-            log.scalar("loss", loss, step)
+            rate = (count - done) / elapsed if elapsed > 0 else 0.0
+            log.write(step=count, epoch=epoch, loss=loss, steps_per_second=rate)
+            log.scalar("loss", loss, count)
             bar.set_postfix(loss=f"{loss:.4g}", steps_s=f"{rate:.1f}")
             bar.update(1)
-            if checkpoint and checkpoint_every and step % checkpoint_every == 0:
-                save_checkpoint(checkpoint, mesh=mesh, step=step, epoch=epoch, optim=svi.optim, elbo=elbo, rank_objects=rank_objects)
+            if checkpoint and checkpoint_every and count % checkpoint_every == 0:
+                save_checkpoint(checkpoint, mesh=mesh, step=count, epoch=epoch, **state)
             if on_step is not None:  # after the checkpoint of this step
-                on_step(step)
+                on_step(count)
     bar.close()
     if checkpoint:
-        save_checkpoint(checkpoint, mesh=mesh, step=step, epoch=epochs, optim=svi.optim, elbo=elbo, rank_objects=rank_objects)
-    return {"step": step, "loss": loss, "seconds": time.perf_counter() - start, "resumed_from": resumed_from}
+        save_checkpoint(checkpoint, mesh=mesh, step=count, epoch=epochs, **state)
+    return {"step": count, "loss": loss, "seconds": time.perf_counter() - start, "resumed_from": resumed_from}
+
+
+def _is_svi(step) -> bool:
+    """An SVI-like object: ``step``, ``optim``, ``model`` and ``guide`` (Pyro's SVI, or a subclass)."""
+    return all(hasattr(step, a) for a in ("step", "optim", "model", "guide"))
 
 
 def prime(model: Callable, guide: Callable, args: tuple, kwargs: dict | None = None, *, elbo=None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pyro_sp.fingerprint import MAX_ELEMENTS, data_fingerprint, describe_data
+from pyro_sp.distributed.fingerprint import MAX_ELEMENTS, data_fingerprint, describe_data
 
 
 def fp(*args, **kwargs) -> int:

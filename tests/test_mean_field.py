@@ -107,7 +107,8 @@ def _fused_grads(vi: MeanFieldVI, prefix: str = "AutoNormal") -> dict:
     return grads
 
 
-def exact_case(kl: str, likelihood: str, bayesian, num_particles: int, sample: int, data: int, compile=False):
+def exact_case(kl: str, likelihood: str, bayesian, num_particles: int, sample: int, data: int, compile=False,
+               gradient_sync="bucketed"):
     """Runs on every rank (or in the test process with sample = data = 1)."""
     bnn, state, ref_loss, ref_grads = _reference(kl, likelihood, bayesian, num_particles, seed=5)
     pyro.clear_param_store()
@@ -115,7 +116,7 @@ def exact_case(kl: str, likelihood: str, bayesian, num_particles: int, sample: i
     mesh = pyro_sp.SPMesh(sample=sample, data=data)
     vi = MeanFieldVI(
         bnn, likelihood, num_particles=num_particles, num_data=NUM_DATA, noise_scale=0.5, kl=kl, mesh=mesh,
-        compile=compile,
+        compile=compile, gradient_sync=gradient_sync,
     )
     vi.load_param_store()
     x, y = _data(likelihood)
@@ -160,6 +161,64 @@ def test_single_process_equals_pyro(kl, likelihood, bayesian):
 def test_distributed_equals_pyro(pools, kl, likelihood, bayesian, num_particles, sample, data):
     for result in pools(sample * data).run(exact_case, kl, likelihood, bayesian, num_particles, sample, data):
         _check(result)
+
+
+@pytest.mark.parametrize("sample, data", [(2, 1), (2, 2), (3, 1)])
+def test_flat_gradient_sync_equals_pyro(pools, sample, data):
+    """The estimators' strategy (one all-reduce after backward) in MeanFieldVI: the same exact gradient."""
+    for result in pools(sample * data).run(exact_case, "sample", "categorical", "all", 5, sample, data,
+                                           gradient_sync="flat"):
+        _check(result)
+
+
+def flat_backward_failure_case():
+    mesh = pyro_sp.SPMesh(sample=2)
+    vi = MeanFieldVI(_bnn("all", "categorical"), num_particles=4, mesh=mesh, seed=0, gradient_sync="flat")
+    opt = torch.optim.SGD(vi.parameters(), lr=0.1)
+    x, y = _data("categorical")
+    fail = {"on": False}
+
+    def hook(grad):
+        if fail["on"]:
+            raise RuntimeError("simulated out of memory in backward")
+        return grad
+
+    vi.posterior.locs[0].register_hook(hook)
+    vi.step(opt, x, y)
+    fail["on"] = mesh.rank == 1
+    try:
+        vi.step(opt, x, y)
+        error = None
+    except Exception as e:  # noqa: BLE001 - the test looks at it
+        error = (type(e).__name__, str(e))
+    fail["on"] = False
+    after = float(vi.step(opt, x, y))  # the flag rode in the reduction: no abort, training goes on
+    return error, after, [p.detach().clone() for p in vi.parameters()]
+
+
+def test_flat_gradient_sync_failure_in_backward_is_raised_everywhere_and_training_goes_on(pools):
+    (e0, loss0, p0), (e1, loss1, p1) = pools(2).run(flat_backward_failure_case)
+    assert e1 == ("RuntimeError", "simulated out of memory in backward")
+    assert e0[0] == "RankError" and "rank 1: RuntimeError: simulated out of memory in backward" in e0[1]
+    assert loss0 == loss1 and all(torch.equal(a, b) for a, b in zip(p0, p1))
+
+
+def test_likelihood_densities_are_pyros():
+    """The fused step's log-densities are those of the Pyro sites the model path samples."""
+    from pyro_sp.nn.likelihoods import categorical_log_prob, log_likelihood, normal_log_prob
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 5, 4, dtype=torch.float64), torch.randint(0, 4, (5,))
+    assert torch.allclose(categorical_log_prob(logits, labels), dist.Categorical(logits=logits).log_prob(labels),
+                          rtol=0, atol=1e-12)
+    means, targets = torch.randn(3, 5, 1, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    assert torch.allclose(normal_log_prob(means, targets, 0.7), dist.Normal(means.squeeze(-1), 0.7).log_prob(targets),
+                          rtol=0, atol=1e-12)
+    assert log_likelihood("categorical") is categorical_log_prob
+    with pytest.raises(ValueError, match=r"Expected likelihood in \('categorical', 'normal'\) or a callable, got 'poisson'"):
+        log_likelihood("poisson")
+    with pytest.raises(ValueError, match="Expected noise_scale > 0, got -1"):
+        log_likelihood("normal", -1)
 
 
 def test_compiled_distributed_equals_pyro(pools):
@@ -436,6 +495,8 @@ def test_argument_errors():
         MeanFieldVI(bnn, "poisson", num_particles=2)
     with pytest.raises(TypeError, match="BayesianModule"):
         MeanFieldVI(_net(), num_particles=2)
+    with pytest.raises(ValueError, match=r"Expected gradient_sync in \('flat', 'bucketed'\), got 'ring'"):
+        MeanFieldVI(bnn, num_particles=2, gradient_sync="ring")
 
     class StudentPrior(BayesianModule):
         def prior(self, name):

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as tdist
 
 import pyro_sp
-from pyro_sp.mesh import particle_share
+from pyro_sp.distributed.mesh import particle_share
 
 
 @pytest.mark.parametrize("num_particles", [1, 2, 3, 7, 8, 64, 65])

@@ -15,7 +15,7 @@ from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from pyro.nn import PyroModule, PyroParam, PyroSample
 
 import pyro_sp
-from pyro_sp.rng import derive_seed
+from pyro_sp.distributed.streams import derive_seed
 from tests.common import assert_close, particle_seed, pinned_noise
 from tests.models import NUM_DATA, make_data, make_guide, model, param_guide
 

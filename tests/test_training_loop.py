@@ -146,6 +146,77 @@ def test_resume_is_bit_identical(pools, tmp_path, data, kind):
             assert torch.equal(a[n], b[n]), n
 
 
+def mean_field_training(steps_total: int, checkpoint: str | None, stop_after: int | None, data: int, log: str | None):
+    """MeanFieldVI driven by fit (sample x data mesh), stopped and resumed like run_training."""
+    from pyro_sp.nn import BayesianModule, MeanFieldVI
+    from pyro_sp.train import MetricsLog
+
+    world = tdist.get_world_size()
+    mesh = pyro_sp.SPMesh(sample=world // data, data=data)
+    torch.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    vi = MeanFieldVI(BayesianModule(net), num_particles=5, num_data=40, mesh=mesh, seed=4, check="always")
+    opt = torch.optim.Adam(vi.parameters(), lr=0.05)
+    x, labels = X.to(torch.get_default_dtype()), (X[:, 0] > 0).long()
+    sampler = ShardedBatchSampler(40, 8, mesh=mesh, seed=2)
+    stopper = None
+    if stop_after is not None:
+        def stopper(step):
+            if step == stop_after:
+                raise KeyboardInterrupt
+
+    try:
+        result = fit(lambda x, y: vi.step(opt, x, y), sampler, lambda idx: (x[idx], labels[idx]),
+                     epochs=steps_total // len(sampler), mesh=mesh, objects={"vi": vi, "optimizer": opt},
+                     checkpoint=checkpoint, checkpoint_every=stop_after or 0, progress=False, on_step=stopper,
+                     log=MetricsLog(log, mesh=mesh))
+    except KeyboardInterrupt:
+        return None
+    state = {k: v.detach().clone() for k, v in vi.state_dict().items() if isinstance(v, torch.Tensor)}
+    moments = {f"adam.{i}.{k}": v.clone() for i, st in opt.state_dict()["state"].items()
+               for k, v in st.items() if isinstance(v, torch.Tensor)}
+    return {**state, **moments}, result["resumed_from"], result["loss"], vi.state_dict()["_extra_state"]
+
+
+@pytest.mark.parametrize("data", [1, 2], ids=["sample2", "data2"])
+def test_mean_field_fit_resume_is_bit_identical(pools, tmp_path, data):
+    pool = pools(2)
+    path, log = str(tmp_path / "vi.pt"), str(tmp_path / "metrics.jsonl")
+    straight = pool.run(mean_field_training, 20, None, None, data, None)
+    assert pool.run(mean_field_training, 20, path, 7, data, log) == [None, None]  # stops mid-epoch after step 7
+    resumed = pool.run(mean_field_training, 20, path, None, data, log)
+    assert [r[1] for r in straight] == [None, None] and [r[1] for r in resumed] == [7, 7]
+    for a, b in zip(straight, resumed):
+        assert a[3] == b[3] and a[3]["steps"] > 7  # the step count that keys the particle streams
+        assert a[2] == b[2] and math.isfinite(a[2])  # the last loss, bit for bit
+        assert a[0].keys() == b[0].keys() and any(k.startswith("adam.") for k in a[0])
+        for n in a[0]:
+            assert torch.equal(a[0][n], b[0][n]), n
+    with open(log) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == list(range(1, straight[0][3]["steps"] + 1))  # the resumed run continues it
+    assert records[-1]["loss"] == straight[0][2]
+
+
+def mean_field_nan():
+    from pyro_sp.nn import BayesianModule, MeanFieldVI
+
+    mesh = pyro_sp.SPMesh(sample=2)
+    vi = MeanFieldVI(BayesianModule(torch.nn.Linear(3, 2)), num_particles=2, mesh=mesh, seed=0)
+    opt = torch.optim.SGD(vi.parameters(), lr=0.1)
+    x = X.to(torch.get_default_dtype())
+    x[5] = float("nan")
+    fit(lambda x, y: vi.step(opt, x, y), ShardedBatchSampler(40, 10, mesh=mesh, shuffle=False),
+        lambda idx: (x[idx], torch.zeros(len(idx), dtype=torch.long)), epochs=1, mesh=mesh, progress=False)
+
+
+def test_mean_field_nan_loss_stops_every_rank(pools):
+    errors = pools(2).run_expecting_errors(mean_field_nan)
+    assert sorted(errors) == [0, 1]
+    for kind, msg, _ in errors.values():
+        assert kind == "FloatingPointError" and "The loss is nan at step 1 (epoch 0)" in msg
+
+
 def nan_training():
     mesh = pyro_sp.SPMesh(sample=2)
 

@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
             finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
             finder.add_argument("--out", default=None)
             out = finder.parse_known_args(rest)[0].out
-            from pyro_sp.cli import launch_module
+            from pyro_sp.distributed.launch import launch_module
 
             code = launch_module(module, [suite] + rest, known.nproc, prog="pyro-sp bench")
             if code == 0 and out:

@@ -55,7 +55,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_sp
-from pyro_sp.collectives import record_collectives
+from pyro_sp.distributed.record import record_collectives
 
 
 def bnn_model(sizes: tuple[int, ...]):
@@ -194,8 +194,7 @@ def _sync_worker(args) -> dict:
     """One rank of the ``sync`` suite (under torchrun)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from pyro_sp.collectives import all_reduce_gradients
-    from pyro_sp.nn.mean_field import _sum_hook, ddp_without_buffer_sync
+    from pyro_sp.distributed.gradients import _sum_hook, all_reduce_gradients, ddp_without_buffer_sync
 
     torch.set_num_threads(1)
     mesh = pyro_sp.init_mesh(backend="gloo")  # CPU tensors, also on hosts with GPUs
@@ -362,4 +361,4 @@ def run(argv=None, prog: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run()  # a rank under torchrun exits cleanly through pyro_sp.mesh's teardown
+    run()  # a rank under torchrun exits cleanly through pyro_sp.distributed.mesh's teardown

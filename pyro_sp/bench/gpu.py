@@ -262,4 +262,4 @@ def run(argv=None, prog: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run()  # a rank under torchrun exits cleanly through pyro_sp.mesh's teardown
+    run()  # a rank under torchrun exits cleanly through pyro_sp.distributed.mesh's teardown

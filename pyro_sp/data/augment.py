@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from pyro_sp.fingerprint import rank_local
-from pyro_sp.mesh import SPMesh, default_mesh
-from pyro_sp.rng import derive_seed
+from pyro_sp.distributed.fingerprint import rank_local
+from pyro_sp.distributed.mesh import SPMesh, default_mesh
+from pyro_sp.distributed.streams import stream_seed
 
 __all__ = ["Augmenter", "random_shift_and_noise"]
 
@@ -65,7 +65,7 @@ class Augmenter:
         self.independent = independent
         who = self.mesh.sample_index if independent else 0
         self.generator = torch.Generator().manual_seed(
-            derive_seed(seed, "augment", self.mesh.data_index, who)
+            stream_seed(seed, "augment", self.mesh.data_index, who)
         )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

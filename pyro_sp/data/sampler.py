@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from pyro_sp.mesh import SPMesh, default_mesh
-from pyro_sp.rng import derive_seed
+from pyro_sp.distributed.mesh import SPMesh, default_mesh
+from pyro_sp.distributed.streams import stream_seed
 
 __all__ = ["ShardedBatchSampler"]
 
@@ -65,7 +65,7 @@ class ShardedBatchSampler:
     def shard(self) -> torch.Tensor:
         """This data group's indices for the current epoch."""
         if self.shuffle:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", self.epoch))
+            g = torch.Generator().manual_seed(stream_seed(self.seed, "epoch", self.epoch))
             order = torch.randperm(self.num_items, generator=g, device="cpu")
         else:
             order = torch.arange(self.num_items, device="cpu")

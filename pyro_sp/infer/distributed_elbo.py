@@ -12,20 +12,14 @@ import torch
 import torch.distributed as dist
 from pyro import poutine
 
-from pyro_sp.collectives import (
-    _run,
-    all_reduce_gradients,
-    broadcast_tensors,
-    gather_rows,
-    layout_signature,
-    raise_failure,
-    step_check,
-)
-from pyro_sp.failure import abort_everywhere, explained
-from pyro_sp.fingerprint import data_fingerprint, describe_data
-from pyro_sp.mesh import SPMesh, default_mesh, share_counts
+from pyro_sp.distributed.collectives import all_reduce_sum, broadcast_tensors, gather_rows
+from pyro_sp.distributed.gradients import all_reduce_gradients
+from pyro_sp.distributed.guard import guarded, raise_failure
+from pyro_sp.distributed.failure import abort_everywhere, explained
+from pyro_sp.distributed.fingerprint import data_fingerprint, describe_data
+from pyro_sp.distributed.mesh import SPMesh, default_mesh, share_counts
 from pyro_sp.poutine import ShardParticlesMessenger
-from pyro_sp.rng import RNGStream, derive_seed, draw_key, get_global_state, reseed_global, set_global_state
+from pyro_sp.distributed.streams import RNGStream, draw_key, stream_seed, get_global_state, reseed_global, set_global_state
 
 __all__ = ["DistributedELBO"]
 
@@ -179,8 +173,8 @@ class DistributedELBO:
         key. Rank 0's particle seed is ``None``: it draws from the user's
         global RNG as it was at entry, exactly as Pyro's estimator would.
         """
-        particles = None if self.mesh.rank == 0 else derive_seed(key, "particles", self.mesh.rank)
-        return particles, derive_seed(key, "subsample", self.mesh.data_index)
+        particles = None if self.mesh.rank == 0 else stream_seed(key, "particles", self.mesh.rank)
+        return particles, stream_seed(key, "subsample", self.mesh.data_index)
 
     # ---- hooks for estimator families ------------------------------------------------
     #: ``True`` for estimators whose loss is a sum over particles: the partial
@@ -237,103 +231,106 @@ class DistributedELBO:
             return result if kind == "differentiable_loss" else loss
         entry = get_global_state()
         key = draw_key()  # the call's key; rank 0's particles start from ``entry``, as in Pyro
+        self._call = call = _CallShare(*self.mesh.particle_share(self.num_particles))
         try:
             with explained(f"{type(self).__name__}.{kind}"):
                 return self._sharded_call(kind, method, model, guide, args, kwargs, key, entry)
+        except BaseException:
+            if call.stash is not None:  # the one place a failed call gives back the gradients held before it
+                self._restore_grads(call.stash, call.params, reduced=None)
+            raise
         finally:
             self._call = None
             reseed_global(key)  # every rank leaves with the same global RNG state
 
+    def _local_run(self, kind, method, model, guide, args, kwargs, particle_seed, subsample_seed, entry):
+        """This rank's share of the call: ``(payload, params by name, leaves, local gradients)``."""
+        mesh, call = self.mesh, self._call
+        if kind == "loss_and_grads":
+            call.stash = self._stash_grads(model, guide)
+        if particle_seed is None:  # Pyro's own stream, from the state at entry
+            set_global_state(entry)
+            rng = contextlib.nullcontext()
+        else:
+            rng = RNGStream(particle_seed)
+        messenger = ShardParticlesMessenger(
+            call.lo, call.hi, self.num_particles, subsample_rng=RNGStream(subsample_seed),
+            shared_subsample=mesh.sample > 1,
+        )
+        self._share = messenger.lo, messenger.hi
+        try:
+            with rng, messenger, poutine.trace(param_only=True) as capture:
+                payload = method(model, guide, *args, **kwargs)
+        finally:
+            self._share = None
+        params = _collect_params(capture.trace, model, guide, self._is_local_param)
+        call.params = list(params.values())
+        leaves, grads = [], None
+        if kind == "differentiable_loss" and getattr(payload, "requires_grad", False):
+            leaves = _graph_leaves(payload, [params[n] for n in sorted(params)])
+            if self._linear:  # the local backward, inside the guard
+                grads = torch.autograd.grad(payload, leaves, allow_unused=True)
+        return payload, params, leaves, grads
+
     def _sharded_call(self, kind, method, model, guide, args, kwargs, key, entry):
-        mesh = self.mesh
-        lo, hi = mesh.particle_share(self.num_particles)
-        self._call = call = _CallShare(lo, hi)
+        mesh, call = self.mesh, self._call
         call.gathered = mesh.sample == 1  # no gather over the sample axis to wait in
+        what = f"{type(self).__name__}.{kind}"
         fingerprint = data_fingerprint(args, kwargs, extra=(key,), device=mesh.device)
         particle_seed, subsample_seed = self._stream_seeds(key)
         local_state = self._local_state()
         differentiable = kind == "differentiable_loss"
-        # Rank 0 is the source of every broadcast: its values never change, so its
-        # first run is always its result. The others run again after a broadcast.
-        for first in (True, False):
-            if first or mesh.rank != 0:
-                stash = self._stash_grads(model, guide) if kind == "loss_and_grads" else None
-                payload, error, params, leaves, grads = None, None, {}, [], None
-                if particle_seed is None:  # Pyro's own stream, from the state at entry
-                    set_global_state(entry)
-                    rng = contextlib.nullcontext()
-                else:
-                    rng = RNGStream(particle_seed)
-                messenger = ShardParticlesMessenger(
-                    lo,
-                    hi,
-                    self.num_particles,
-                    subsample_rng=RNGStream(subsample_seed),
-                    shared_subsample=mesh.sample > 1,
-                )
-                self._share = messenger.lo, messenger.hi
-                try:
-                    with rng, messenger, poutine.trace(param_only=True) as capture:
-                        payload = method(model, guide, *args, **kwargs)
-                    params = _collect_params(capture.trace, model, guide, self._is_local_param)
-                    if differentiable and getattr(payload, "requires_grad", False):
-                        leaves = _graph_leaves(payload, [params[n] for n in sorted(params)])
-                        if self._linear:  # the local backward, inside the guard
-                            grads = torch.autograd.grad(payload, leaves, allow_unused=True)
-                except Exception as e:  # reported to every rank by step_check
-                    error = e
-                finally:
-                    self._share = None
+
+        def layout(run):
+            params = {} if run is None else run[1]
             names = sorted(params)
-            fresh = [n for n in names if not self._is_synced(params[n])]
-            layout = {
+            out = {
                 "num_particles": self.num_particles,
                 "mesh": (mesh.sample, mesh.data),
                 "params": {n: tuple(params[n].shape) for n in names},
-                "unsynchronised": fresh,  # every rank must agree to broadcast
+                "unsynchronised": [n for n in names if not self._is_synced(params[n])],  # all agree to broadcast
             }
             if differentiable:  # tensors the result is differentiated by (params first)
-                layout["leaves"] = [tuple(t.shape) for t in leaves]
-            local_loss = 0.0 if error is not None or not self._linear or call.empty else _as_float(payload)
-            try:
-                total = step_check(
-                    local_loss,
-                    layout_signature(layout),
-                    error,
-                    group=self._world,
-                    device=mesh.device,
-                    describe=lambda: layout,
-                    what=f"{type(self).__name__}.{kind}",
-                    hint=_SHAPE_HINT if self.vectorize_particles else "",
-                    agree=fingerprint,
-                    agree_slot=mesh.data_index,
-                    agree_slots=mesh.data,
-                    describe_agree=lambda: {
-                        "random key of the call (drawn from the global torch RNG)": key,
-                        **describe_data(args, kwargs),
-                    },
-                )
-            except Exception:
-                if stash is not None:  # give back the gradients held before the call
-                    self._restore_grads(stash, params.values(), reduced=None)
-                raise
+                out["leaves"] = [] if run is None else [tuple(t.shape) for t in run[2]]
+            return out
+
+        # Rank 0 is the source of every broadcast: its values never change, so its
+        # first run is always its result. The others run again after a broadcast.
+        run = None
+        for first in (True, False):
+            rerun = first or mesh.rank != 0  # rank 0 keeps its first run and joins the others' check
+            previous = run
+            run, total = guarded(
+                (lambda: self._local_run(kind, method, model, guide, args, kwargs, particle_seed, subsample_seed,
+                                         entry)) if rerun else (lambda: previous),
+                group=self._world, what=what, device=mesh.device,
+                value=lambda r: 0.0 if not self._linear or call.empty else _as_float(r[0]),
+                layout=layout, hint=_SHAPE_HINT if self.vectorize_particles else "",
+                agree=fingerprint, agree_slot=mesh.data_index, agree_slots=mesh.data,
+                describe_agree=lambda: {
+                    "random key of the call (drawn from the global torch RNG)": key,
+                    **describe_data(args, kwargs),
+                },
+            )
+            payload, params, leaves, grads = run
+            fresh = layout(run)["unsynchronised"]
             if not fresh:
                 break
-            # After a broadcast the second pass sees no fresh parameter (or the step
-            # check fails on every rank): rank 0 reuses its run, the others run again
-            # from the per-rank state the call started with.
+            # After a broadcast the second pass sees no fresh parameter (or the check fails
+            # on every rank): rank 0 reuses its run, the others run again from the
+            # per-rank state the call started with.
             self._broadcast_new([params[n] for n in fresh], model, guide)
             if mesh.rank != 0:
                 self._restore_local_state(local_state)
-                if stash is not None:
-                    self._restore_grads(stash, params.values(), reduced=None)
-        ordered = [params[n] for n in names]
+                if call.stash is not None:
+                    self._restore_grads(call.stash, call.params, reduced=None)
+                    call.stash = None
+        ordered = [params[n] for n in sorted(params)]
         self._last_params = ordered
         # After the check, a local failure (the backward pass of a nonlinear estimator,
         # out of memory, say) rides as a flag in the collectives every rank makes next,
         # so every rank raises at once; a failure before the particles' gather, which the
-        # other ranks are already waiting in, stops them by aborting (pyro_sp.failure).
-        what = f"{type(self).__name__}.{kind}"
+        # other ranks are already waiting in, stops them by aborting (pyro_sp.distributed.failure).
         error = None
         if self._linear:
             global_loss, result = total / mesh.data, payload
@@ -345,24 +342,16 @@ class DistributedELBO:
                     abort_everywhere(e, what)
                     raise
                 error, group_loss, result = e, 0.0, None
-            try:
-                global_loss = self._data_mean(group_loss, error, what)
-            except BaseException:
-                if stash is not None:  # give back the gradients held before the call
-                    self._restore_grads(stash, ordered, reduced=None)
-                raise
+            global_loss = self._data_mean(group_loss, error, what)
         if kind == "loss":
             if error is not None:  # no collective follows: no rank waits for this one
                 raise error
             return global_loss
         if kind == "loss_and_grads":
             grads = [None] * len(ordered) if call.empty else [p.grad for p in ordered]
-            try:
-                reduced = all_reduce_gradients(ordered, grads, group=self._world, scale=1.0 / mesh.data,
-                                               error=error, what=what)
-            except BaseException:
-                self._restore_grads(stash, ordered, reduced=None)
-                raise
+            reduced = all_reduce_gradients(ordered, grads, group=self._world, scale=1.0 / mesh.data,
+                                           error=error, what=what)
+            stash, call.stash = call.stash, None
             self._restore_grads(stash, ordered, reduced=reduced)
             return global_loss
         if error is None and not isinstance(result, torch.Tensor):  # e.g. an empty model: Pyro returns a float
@@ -401,10 +390,8 @@ class DistributedELBO:
         """
         if self.mesh.data == 1:
             return group_loss
-        t = torch.tensor([group_loss / self.mesh.world_size, float(error is not None)], dtype=torch.float64,
-                         device=self.mesh.device)
-        _run("data_mean", dist.all_reduce, t, group=self._world)
-        loss, failed = t.tolist()
+        loss, failed = all_reduce_sum([group_loss / self.mesh.world_size, float(error is not None)],
+                                      group=self._world, device=self.mesh.device, kind="data_mean")
         if failed:
             raise_failure(error, what, "", self._world, self.mesh.world_size)
         return loss
@@ -495,11 +482,13 @@ class _ReducedGradient(torch.autograd.Function):
 class _CallShare:
     """This rank's particles ``[lo, hi)`` during one call; ``empty`` when it holds none."""
 
-    __slots__ = ("lo", "hi", "empty", "gathered")
+    __slots__ = ("lo", "hi", "empty", "gathered", "stash", "params")
 
     def __init__(self, lo: int, hi: int) -> None:
         self.lo, self.hi, self.empty = lo, hi, lo == hi
         self.gathered = False  # whether the particles' gather over the sample axis is done
+        self.stash = None  # loss_and_grads: the gradients held before the call, given back once
+        self.params: list = []  # the parameters the last local run used
 
 
 _SHAPE_HINT = (

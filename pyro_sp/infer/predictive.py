@@ -7,11 +7,12 @@ import torch
 import torch.distributed as dist
 from pyro.infer import Predictive
 
-from pyro_sp.collectives import gather_rows, layout_signature, step_check
-from pyro_sp.failure import explained
-from pyro_sp.fingerprint import data_fingerprint, describe_data
-from pyro_sp.mesh import SPMesh, default_mesh, particle_share, share_counts
-from pyro_sp.rng import RNGStream, derive_seed, draw_key
+from pyro_sp.distributed.collectives import gather_rows
+from pyro_sp.distributed.guard import guarded
+from pyro_sp.distributed.failure import explained
+from pyro_sp.distributed.fingerprint import data_fingerprint, describe_data
+from pyro_sp.distributed.mesh import SPMesh, default_mesh, particle_share, share_counts
+from pyro_sp.distributed.streams import RNGStream, draw_key, stream_seed
 
 __all__ = ["DistributedPredictive"]
 
@@ -111,37 +112,30 @@ class DistributedPredictive(torch.nn.Module):
         device = mesh.device
         if self.seed is None:  # Pyro's semantics: one key per call from the global RNG
             key = draw_key()
-            rng = RNGStream(derive_seed(key, "predictive", mesh.rank))
+            rng = RNGStream(stream_seed(key, "predictive", mesh.rank))
         else:
             if self._rng is None:
-                self._rng = RNGStream(derive_seed(mesh.shared_seed(self.seed), "predictive", mesh.rank))
+                self._rng = RNGStream(stream_seed(mesh.shared_seed(self.seed), "predictive", mesh.rank))
             key, rng = self.seed, self._rng
         # every rank of ``group`` predicts for the same inputs (one sample group on the
         # sample axis, everyone on the world axis): the check runs over ``group``, one slot
-        slot, slots = 0, 1
         fingerprint = data_fingerprint(args, kwargs, extra=(key,), device=device)
         lo, hi = particle_share(self.num_samples, size, index)
-        samples, error = {}, None
-        try:
+        def local():
             with rng:
-                samples = self._local(lo, hi)(*args, **kwargs)
-        except Exception as e:  # reported to every rank by step_check
-            error = e
-        keys = sorted(samples)
-        layout = {"num_samples": self.num_samples, "sites": {k: (tuple(samples[k].shape[1:]), str(samples[k].dtype)) for k in keys}}
-        step_check(
-            0.0,
-            layout_signature(layout),
-            error,
-            group=group,
-            device=device,
-            describe=lambda: layout,
-            what="DistributedPredictive",
-            agree=fingerprint,
-            agree_slot=slot,
-            agree_slots=slots,
+                return self._local(lo, hi)(*args, **kwargs)
+
+        def layout(samples):
+            samples = samples or {}
+            return {"num_samples": self.num_samples,
+                    "sites": {k: (tuple(v.shape[1:]), str(v.dtype)) for k, v in sorted(samples.items())}}
+
+        samples, _ = guarded(
+            local, group=group, what="DistributedPredictive", device=device, layout=layout,
+            agree=fingerprint, agree_slot=0, agree_slots=1,  # every rank of ``group`` predicts for the same inputs
             describe_agree=lambda: {"random key of the call": key, **describe_data(args, kwargs)},
         )
+        keys = sorted(samples)
         counts = share_counts(self.num_samples, size)
         with explained("DistributedPredictive"):
             gathered = gather_rows(

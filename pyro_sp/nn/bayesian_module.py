@@ -188,15 +188,26 @@ class BayesianModule(torch.nn.Module):
             n: pyro.param(f"{self.name}.{n}", lambda n=n: dict(self.module.named_parameters())[n].detach().clone())
             for n in self.deterministic_names
         }
+        out = self.functional_forward(stacked, fixed, args, kwargs)
+        return out if batch else _squeeze_particles(out)
+
+    def functional_forward(self, samples: dict, fixed: dict, args: tuple, kwargs: dict | None = None):
+        """
+        The network on :math:`P` draws of its Bayesian parameters at once: the
+        vectorized functional forward of every path (this module's Pyro model
+        and :class:`~pyro_sp.nn.MeanFieldVI`'s fused step).
+
+        :param dict samples: Bayesian parameter name -> tensor ``(P, *shape)``.
+        :param dict fixed: deterministic parameter name -> tensor ``shape``.
+        :returns: the network's outputs with the particles on the left, ``(P, ...)``
+            (dropout drawn per ``dropout=``).
+        """
         buffers = dict(self.module.named_buffers())
 
         def one_particle(params, args, kwargs):
             return functional_call(self.module, {**params, **fixed, **buffers}, args, kwargs)
 
-        out = vmap(
-            one_particle, in_dims=(0, None, None), randomness=self.dropout
-        )(stacked, args, kwargs)
-        return out if batch else _squeeze_particles(out)
+        return vmap(one_particle, in_dims=(0, None, None), randomness=self.dropout)(samples, args, kwargs or {})
 
 
 def _squeeze_particles(out):

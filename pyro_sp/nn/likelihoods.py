@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -18,7 +21,68 @@ _SAMPLE_PLATES = (
     getattr(_pyro_predictive, "_predictive_vectorize_plate_name", "_num_predictive_samples"),
 )
 
-__all__ = ["categorical_likelihood", "normal_likelihood"]
+__all__ = [
+    "LIKELIHOODS",
+    "LogLikelihood",
+    "categorical_likelihood",
+    "categorical_log_prob",
+    "log_likelihood",
+    "normal_likelihood",
+    "normal_log_prob",
+]
+
+#: The likelihoods by name: the Pyro site of the model and the log-density the fused step sums.
+LIKELIHOODS = ("categorical", "normal")
+
+#: ``f(outputs, y) -> log p(y | outputs)`` of shape ``(particles, batch)``.
+LogLikelihood = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def categorical_log_prob(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """
+    :math:`\\log p(y_i \\mid \\text{logits}^{(k)}_i)` of :func:`categorical_likelihood`'s
+    site, for logits ``(particles, batch, classes)``: shape ``(particles, batch)``.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"Expected logits of shape (particles, batch, classes), got {tuple(logits.shape)}.")
+    logp = logits.log_softmax(-1)
+    return logp.gather(-1, y.expand(logits.shape[:2]).unsqueeze(-1)).squeeze(-1)
+
+
+def normal_log_prob(means: torch.Tensor, y: torch.Tensor, sigma: float) -> torch.Tensor:
+    """
+    :math:`\\log \\mathcal N(y_i; f^{(k)}(x_i), \\sigma^2)` of :func:`normal_likelihood`'s
+    site with a fixed ``noise``, for means ``(particles, batch[, 1])``: shape ``(particles, batch)``.
+    """
+    if means.dim() == 3 and means.shape[-1] == 1:
+        means = means.squeeze(-1)
+    if means.dim() != 2:
+        raise ValueError(f"Expected means of shape (particles, batch[, 1]), got {tuple(means.shape)}.")
+    return -((y - means) ** 2) / (2 * sigma**2) - math.log(sigma) - _HALF_LOG_2PI
+
+
+def log_likelihood(likelihood: str | LogLikelihood, noise_scale: float = 1.0) -> LogLikelihood:
+    """
+    The log-density ``f(outputs, y)`` of a likelihood given by name
+    (:data:`LIKELIHOODS`; ``"normal"`` with the fixed ``noise_scale``), or
+    ``likelihood`` itself if it is a callable.
+    """
+    if callable(likelihood):
+        return likelihood
+    if likelihood == "categorical":
+        return categorical_log_prob
+    if likelihood == "normal":
+        if not noise_scale > 0:
+            raise ValueError(f"Expected noise_scale > 0, got {noise_scale!r}.")
+        sigma = float(noise_scale)
+
+        def normal(out, y):
+            return normal_log_prob(out, y, sigma)
+
+        return normal
+    raise ValueError(f"Expected likelihood in {LIKELIHOODS} or a callable, got {likelihood!r}.")
 
 
 def _align(out: torch.Tensor, event_dims: int, batch_size: int, what: str) -> torch.Tensor:

@@ -6,52 +6,33 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable
 
 import pyro
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pyro.distributions import constraints
-from torch.func import functional_call, vmap
 
-from pyro_sp.collectives import broadcast_tensors, gather_rows, layout_signature, step_check
-from pyro_sp.failure import abort_reason, aborted, failing_fast
-from pyro_sp.mesh import SPMesh, default_mesh, share_counts
-from pyro_sp.rng import RNGStream, derive_seed
+from pyro_sp.distributed.collectives import broadcast_tensors, gather_rows
+from pyro_sp.distributed.failure import abort_reason, aborted, failing_fast
+from pyro_sp.distributed.gradients import GRADIENT_STRATEGIES, BucketedSum, all_reduce_gradients
+from pyro_sp.distributed.guard import guarded
+from pyro_sp.distributed.mesh import SPMesh, default_mesh, share_counts
+from pyro_sp.distributed.record import recorded
+from pyro_sp.distributed.streams import RNGStream, stream_seed
 
 from .bayesian_module import BayesianModule
+from .likelihoods import LogLikelihood, log_likelihood
 
 __all__ = ["MeanFieldVI"]
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _KL = ("analytic", "sample")
 _CHECK = ("first", "always")
-_LIKELIHOODS = ("categorical", "normal")
-
-#: ``f(outputs, y) -> log p(y | outputs)`` of shape ``(particles, batch)``.
-LogLikelihood = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
-
-
-def ddp_without_buffer_sync() -> dict:
-    """DDP keyword arguments that turn off the per-forward buffer broadcast (named
-    ``forward_sync_buffers`` in recent PyTorch, ``broadcast_buffers`` before)."""
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
-    params = inspect.signature(DistributedDataParallel.__init__).parameters
-    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-
-
-def _sum_hook(group, bucket):
-    """DDP communication hook: the SUM of the ranks' gradients, not their mean."""
-    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
 
 
 class _Posterior(torch.nn.Module):
@@ -99,16 +80,9 @@ class _Posterior(torch.nn.Module):
         return values, noises
 
     def outputs(self, values: list[torch.Tensor], args, kwargs):
-        bnn = self.bnn
-        fixed = dict(zip(bnn.deterministic_names, self.fixed))
-        buffers = dict(bnn.module.named_buffers())
-
-        def one_particle(params, args, kwargs):
-            return functional_call(bnn.module, {**params, **fixed, **buffers}, args, kwargs)
-
-        return vmap(one_particle, in_dims=(0, None, None), randomness=bnn.dropout)(
-            dict(zip(self.names, values)), args, kwargs
-        )
+        """The network's outputs for the sampled Bayesian tensors (particles on the left)."""
+        fixed = dict(zip(self.bnn.deterministic_names, self.fixed))
+        return self.bnn.functional_forward(dict(zip(self.names, values)), fixed, args, kwargs)
 
     def forward(self, x, y, num: int, weight: float, ll_scale: float, kl: str, loglik, noise=None):
         values, noises = self.sample(num, noise)
@@ -171,13 +145,15 @@ class MeanFieldVI(torch.nn.Module):
     loss and gradients equal Pyro's to rounding (tested in float64).
 
     On a mesh, rank :math:`(s, d)` draws its share of the particles from its
-    own stream and scales its partial loss by :math:`1/(N D)`; the network's
-    parameters live in a :class:`~torch.nn.parallel.DistributedDataParallel`
-    whose communication hook *sums* the gradient buckets over the world (DDP's
-    default averages, which is exact only for equal shares). The buckets are
-    reduced while backward still runs, and the gradients are views of the
-    buckets: no copies. The reduced gradient is the single-process gradient
-    exactly, for any ``num_particles`` (uneven shares included).
+    own stream and scales its partial loss by :math:`1/(N D)`; the gradients
+    are *summed* over the world by one of the two strategies of
+    :mod:`pyro_sp.distributed.gradients`: ``"bucketed"`` (the default; buckets
+    reduced while backward still runs, the gradients views of the buckets) or
+    ``"flat"`` (one all-reduce after backward, as the estimators do). Either
+    way the reduced gradient is the single-process gradient exactly, for any
+    ``num_particles`` (uneven shares included). Everything distributed here is
+    the shared core's (mesh, guard, streams, gradients); what is
+    ``MeanFieldVI``'s own is the fused local loss.
 
     :param BayesianModule bnn: the network; its Bayesian parameters get the
         guide, the others are trained as point estimates. Its priors must be
@@ -203,6 +179,9 @@ class MeanFieldVI(torch.nn.Module):
         that the ranks agree and none failed (one small collective), later
         steps run without host synchronisation; ``"always"``: every step
         does, and a non-finite loss raises on every rank.
+    :param str gradient_sync: ``"bucketed"`` (reduction overlapped with
+        backward) or ``"flat"`` (one all-reduce after backward; a failure in
+        backward then rides in it as a flag instead of stopping the job).
     :param float bucket_cap_mb: gradient bucket size of the overlapped reduction.
     :param bool split_compiled_graph: with ``compile=True`` on a mesh, let
         :func:`torch.compile` split the graph at the gradient buckets (DDP's
@@ -228,6 +207,7 @@ class MeanFieldVI(torch.nn.Module):
         seed: int | None = None,
         compile: bool = False,
         check: str = "first",
+        gradient_sync: str = "bucketed",
         bucket_cap_mb: float = 25.0,
         split_compiled_graph: bool = False,
     ) -> None:
@@ -255,8 +235,10 @@ class MeanFieldVI(torch.nn.Module):
             raise ValueError(f"Expected init_scale > 0, got {init_scale!r}.")
         if num_data is not None and (not isinstance(num_data, int) or num_data < 1):
             raise ValueError(f"Expected num_data to be a positive int or None, got {num_data!r}.")
-        self._loglik = self._make_loglik(likelihood, noise_scale)
-        self.likelihood = likelihood
+        if gradient_sync not in GRADIENT_STRATEGIES:
+            raise ValueError(f"Expected gradient_sync in {GRADIENT_STRATEGIES}, got {gradient_sync!r}.")
+        self._loglik = log_likelihood(likelihood, noise_scale)
+        self.gradient_sync = gradient_sync
         self.num_particles = num_particles
         self.num_data = num_data
         self.kl = kl
@@ -267,7 +249,6 @@ class MeanFieldVI(torch.nn.Module):
         self._steps = 0
         self._failure: str | None = None  # why this rank stopped the job's process groups
         self._validated = False  # per process: a resumed run checks its first step again
-        self._ddp = None
         group = None
         if self.mesh.is_distributed and self.mesh.world_size > 1:
             group = dist.group.WORLD
@@ -278,12 +259,10 @@ class MeanFieldVI(torch.nn.Module):
             layout = {
                 "num_particles": num_particles, "num_data": num_data, "kl": kl, "likelihood": likelihood_name,
                 "noise_scale": noise_scale, "mesh": (self.mesh.sample, self.mesh.data),
+                "gradient_sync": gradient_sync,
                 "parameters": list(zip(bnn.bayesian_names + bnn.deterministic_names, shapes)),
             }
-            step_check(
-                0.0, layout_signature(sorted(layout.items())), None, group=group, device=self.mesh.device,
-                describe=lambda: layout, what="MeanFieldVI",
-            )
+            guarded(lambda: None, group=group, what="MeanFieldVI", device=self.mesh.device, layout=lambda _: layout)
             # every rank starts from rank 0's values, before any loss, prediction or step; through
             # the collective device (a module still on the CPU under NCCL is moved later by .to())
             values = [p.data for p in self.posterior.trainable()]
@@ -317,7 +296,7 @@ class MeanFieldVI(torch.nn.Module):
         count = self._steps if purpose == "step" else self._evals
         if purpose != "step":
             self._evals += 1
-        stream = RNGStream(derive_seed(self._seed, "mean_field_particles", purpose, self.mesh.rank, count))
+        stream = RNGStream(stream_seed(self._seed, "mean_field_particles", purpose, self.mesh.rank, count))
         device = self.posterior.locs[0].device
         with (torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()), stream:
             yield
@@ -331,33 +310,6 @@ class MeanFieldVI(torch.nn.Module):
         self._seed, self._steps = int(state["seed"]), int(state["steps"])
 
     # ---- setup ---------------------------------------------------------------------
-    @staticmethod
-    def _make_loglik(likelihood, noise_scale: float) -> LogLikelihood:
-        if callable(likelihood):
-            return likelihood
-        if likelihood == "categorical":
-            def categorical(out, y):
-                if out.dim() != 3:
-                    raise ValueError(
-                        f"Expected logits of shape (particles, batch, classes), got {tuple(out.shape)}."
-                    )
-                logp = out.log_softmax(-1)
-                return logp.gather(-1, y.expand(out.shape[:2]).unsqueeze(-1)).squeeze(-1)
-            return categorical
-        if likelihood == "normal":
-            if not noise_scale > 0:
-                raise ValueError(f"Expected noise_scale > 0, got {noise_scale!r}.")
-            sigma = float(noise_scale)
-
-            def normal(out, y):
-                if out.dim() == 3 and out.shape[-1] == 1:
-                    out = out.squeeze(-1)
-                if out.dim() != 2:
-                    raise ValueError(f"Expected means of shape (particles, batch[, 1]), got {tuple(out.shape)}.")
-                return -((y - out) ** 2) / (2 * sigma**2) - math.log(sigma) - _HALF_LOG_2PI
-            return normal
-        raise ValueError(f"Expected likelihood in {_LIKELIHOODS} or a callable, got {likelihood!r}.")
-
     def _freeze_unused(self, x, y) -> None:
         """Leave out of training the parameters that get no gradient (as one process would: their
         ``.grad`` stays ``None``); DDP would otherwise wait for them and skip the reduction."""
@@ -382,30 +334,16 @@ class MeanFieldVI(torch.nn.Module):
                 + list(bnn.deterministic_names))
 
     def _setup(self, x, y) -> None:
-        """On the first step: leave out parameters without gradient, wrap the posterior for the
-        overlapped reduction, compile. A failure on any rank is raised on every rank before the
-        collectives of DDP's construction."""
+        """On the first step: leave out parameters without gradient, set up the gradient
+        strategy, compile. A failure on any rank is raised on every rank before the
+        collectives of the bucketed reduction's construction."""
         module = self.posterior
         if self._group is not None:
-            from torch.nn.parallel import DistributedDataParallel
-
-            error = None
-            try:
-                self._freeze_unused(x, y)
-            except Exception as e:  # noqa: BLE001 - raised on every rank by the check
-                error = e
-            step_check(0.0, 0, error, group=self._group, device=self.mesh.device, what="MeanFieldVI's first step")
-            device = next(module.parameters()).device
-            module = DistributedDataParallel(
-                module,
-                device_ids=[device] if device.type == "cuda" else None,
-                **ddp_without_buffer_sync(),
-                bucket_cap_mb=self.bucket_cap_mb,
-                gradient_as_bucket_view=True,
-            )
-            module.register_comm_hook(self._group, _sum_hook)
-        # plain attributes, not submodules: the state dict holds the parameters once
-        object.__setattr__(self, "_ddp", module if module is not self.posterior else None)
+            guarded(lambda: self._freeze_unused(x, y), group=self._group, what="MeanFieldVI's first step",
+                    device=self.mesh.device)
+            if self.gradient_sync == "bucketed":
+                module = BucketedSum(module, group=self._group, bucket_cap_mb=self.bucket_cap_mb).module
+        # a plain attribute, not a submodule: the state dict holds the parameters once
         object.__setattr__(self, "_loss_fn", torch.compile(module) if self._compile else module)
 
     # ---- the estimator -----------------------------------------------------------
@@ -464,32 +402,37 @@ class MeanFieldVI(torch.nn.Module):
             self._setup(x, y)
         what = f"MeanFieldVI's step {self._steps + 1}"
         validate = self.check == "always" or not self._validated
-        error, local = None, None
-        if self._group is not None and not validate:  # the others go on into backward's reduction
-            with failing_fast(what):
-                local = self._local_loss(x, y, noise)
-        else:
-            try:
-                local = self._local_loss(x, y, noise)
-            except Exception as e:  # noqa: BLE001 - re-raised on every rank by the check
-                if self._group is None:
-                    raise
-                error = e
-        total = local.detach().clone() if local is not None else None
-        if validate and self._group is not None:
-            value = step_check(
-                0.0 if local is None else float(local.detach()), 0, error, group=self._group,
-                device=self.mesh.device, what="MeanFieldVI's step",
-            )
+        group, flat = self._group, self.gradient_sync == "flat"
+        # with the bucketed reduction, the others go on into backward's reduction: a failure in an
+        # unchecked forward or in backward stops them at once (pyro_sp.distributed.failure)
+        def stop_all():
+            return failing_fast(what) if group is not None and not flat else contextlib.nullcontext()
+
+        work = None
+        if validate:
+            local, value = guarded(lambda: self._local_loss(x, y, noise), group=group, what=what,
+                                   device=self.mesh.device, value=lambda t: t.detach())
             total = torch.tensor(value, dtype=local.dtype, device=local.device)
-            work = None
-        elif self._group is not None:
-            work = dist.all_reduce(total, group=self._group, async_op=True)
         else:
-            work = None
-        # the others wait in the gradient reduction: a failure here stops them at once
-        with failing_fast(what) if self._group is not None else contextlib.nullcontext():
-            local.backward()
+            with stop_all():
+                local = self._local_loss(x, y, noise)
+            total = local.detach().clone()
+            if group is not None:
+                work = recorded("loss_sum", dist.all_reduce, total, group=group, async_op=True)
+        with stop_all():
+            if flat and group is not None:
+                error = None
+                try:
+                    local.backward()
+                except Exception as e:  # noqa: BLE001 - raised on every rank by the reduction's flag
+                    error = e
+                params = [p for p in self.posterior.trainable() if p.requires_grad]
+                reduced = all_reduce_gradients(params, [p.grad for p in params], group=group, error=error,
+                                               what=what)
+                for p, g in zip(params, reduced):
+                    p.grad = g
+            else:
+                local.backward()
             if work is not None:
                 work.wait()
         self._steps += 1
@@ -505,17 +448,14 @@ class MeanFieldVI(torch.nn.Module):
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """The global loss on ``(x, y)`` without gradients (a collective on a mesh)."""
         weight, ll_scale = self._scales(y)
-        if self._group is None:
+
+        def local() -> float:
             with self._rng("eval"):
                 return float(self.posterior(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik))
-        error, local = None, 0.0
-        try:
-            with self._rng("eval"):
-                local = float(self.posterior(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik))
-        except Exception as e:  # noqa: BLE001 - raised on every rank by the check
-            error = e
+
         # the loss sum and a failure flag in one all-reduce: a failure is an error on every rank
-        return step_check(local, 0, error, group=self._group, device=self.mesh.device, what="MeanFieldVI.loss")
+        return guarded(local, group=self._group, what="MeanFieldVI.loss", device=self.mesh.device,
+                       value=lambda v: v)[1]
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, num_samples: int) -> torch.Tensor | None:
@@ -528,18 +468,14 @@ class MeanFieldVI(torch.nn.Module):
             raise ValueError(f"Expected num_samples >= {self.mesh.sample}, got {num_samples!r}.")
         lo, hi = self.mesh.particle_share(num_samples)
         group = self.mesh.get_optional_group("sample")
-        error, out = None, None
-        try:
+
+        def local() -> torch.Tensor:
             with self._rng("eval"):
-                out = self.posterior.outputs(self.posterior.sample(hi - lo, None)[0], (x,), {})
-        except Exception as e:  # noqa: BLE001 - raised on every rank of the group by the check
-            if group is None:
-                raise
-            error = e
-        if group is not None:  # before the gather, so that no rank waits in it for a failed one
-            shape = None if out is None else tuple(out.shape[1:])
-            step_check(0.0, layout_signature(shape), error, group=group, device=self.mesh.device,
-                       what="MeanFieldVI.predict", describe=lambda: {"output shape": shape})
+                return self.posterior.outputs(self.posterior.sample(hi - lo, None)[0], (x,), {})
+
+        # checked before the gather, so that no rank waits in it for a failed one
+        out, _ = guarded(local, group=group, what="MeanFieldVI.predict", device=self.mesh.device,
+                         layout=lambda out: {"output shape": None if out is None else tuple(out.shape[1:])})
         return gather_rows([out], share_counts(num_samples, self.mesh.sample), group=group)[0]
 
     # ---- interoperation with Pyro -------------------------------------------------------

@@ -10,7 +10,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 if TYPE_CHECKING:
     from pyro.poutine.runtime import Message
 
-    from pyro_sp.rng import RNGStream
+    from pyro_sp.distributed.streams import RNGStream
 
 #: Name of the particle plate that :class:`pyro.infer.ELBO` builds.
 PARTICLE_PLATE = "num_particles_vectorized"
@@ -48,7 +48,7 @@ class ShardParticlesMessenger(Messenger):
     :param int hi: one past the last particle of this rank.
     :param int num_particles: the global number of particles :math:`N`; the
         particle plate must have this size.
-    :param subsample_rng: optional :class:`~pyro_sp.rng.RNGStream` for the
+    :param subsample_rng: optional :class:`~pyro_sp.distributed.streams.RNGStream` for the
         indices of data-plate subsampling.
     :param bool shared_subsample: whether those indices must agree across
         the sample group (default: whether ``subsample_rng`` is given); a

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Random streams of a distributed call, keyed by the user's global RNG.
+"""Every random stream of pyro_sp, and the streams of a distributed call keyed by the user's global RNG.
 
 Pyro's distributions draw from the global torch generators, and Pyro's
 promise is that ``pyro.set_rng_seed(s)`` before a call reproduces it, that
@@ -32,8 +32,10 @@ import hashlib
 import torch
 
 __all__ = [
+    "STREAMS",
     "RNGStream",
     "derive_seed",
+    "stream_seed",
     "draw_key",
     "get_global_state",
     "reseed_global",
@@ -45,6 +47,33 @@ def derive_seed(seed: int, *keys) -> int:
     """A 63-bit seed derived deterministically from ``seed`` and ``keys``."""
     digest = hashlib.blake2b(repr((int(seed),) + keys).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+#: Every random stream of pyro_sp: its name, and the root and coordinates of its
+#: seed, ``stream_seed(root, name, *coordinates)``. One table, so no two streams
+#: can share a seed by accident, and a reader finds each stream's key here.
+STREAMS = {
+    "particles": "call key, global rank: particle noise of a distributed ELBO call on ranks other than 0",
+    "subsample": "call key, data index: subsample indices, shared by a sample group",
+    "global": "call key: where a distributed call leaves every rank's global generators",
+    "predictive": "call key (or the shared seed), global rank: DistributedPredictive's samples",
+    "mean_field_particles": "shared seed, 'step' or 'eval', global rank, count: MeanFieldVI's noise "
+    "(training steps counted apart from loss() and predict())",
+    "augment": "seed, data index, sample index (or 'shared'): an Augmenter's transformations",
+    "epoch": "seed, epoch: ShardedBatchSampler's permutation of the data set",
+}
+
+
+def stream_seed(root: int, stream: str, *coordinates) -> int:
+    """
+    The seed of random stream ``stream`` (a key of :data:`STREAMS`) at
+    ``coordinates``, derived from ``root``.
+
+    :raises ValueError: for a stream that :data:`STREAMS` does not define.
+    """
+    if stream not in STREAMS:
+        raise ValueError(f"Expected a stream in {sorted(STREAMS)}, got {stream!r}; define it in STREAMS first.")
+    return derive_seed(root, stream, *coordinates)
 
 
 #: Keys are drawn below 2**62 (exactly representable in int64 on every backend).
@@ -62,7 +91,7 @@ def reseed_global(key: int) -> None:
     device) from ``derive_seed(key, "global")``: where every distributed call
     leaves the user's RNG.
     """
-    seed = derive_seed(key, "global")
+    seed = stream_seed(key, "global")
     torch.default_generator.manual_seed(seed)
     device = _cuda_device()
     if device is not None:

@@ -1,0 +1,163 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Starting and ending the distributed part of a job.
+
+- :func:`init_mesh`: the process group from torchrun's environment, through
+  the store of this launch attempt, and the :class:`~pyro_sp.SPMesh` over it;
+- :func:`launch_module`: ``torchrun --standalone`` of a module from inside a
+  process (``pyro-sp demo``, ``pyro-sp bench``, the benchmarks' launches);
+- the clean exit at interpreter shutdown (:func:`register_teardown`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from pyro_sp.distributed.failure import aborted, check_not_aborted, start_watchdog, stop_watchdog
+from pyro_sp.distributed.mesh import SPMesh
+
+__all__ = ["DEFAULT_TIMEOUT", "init_mesh", "launch_module", "register_teardown"]
+
+#: Default timeout of every collective: a rank that stops answering turns into
+#: an error on the others after this long instead of a hang.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+_TEARDOWN_REGISTERED = [False]
+
+
+def register_teardown() -> None:
+    """Register :func:`_teardown` once per process (by any mesh built over a process group)."""
+    if not _TEARDOWN_REGISTERED[0]:
+        _TEARDOWN_REGISTERED[0] = True
+        atexit.register(_teardown)
+
+
+def _teardown() -> None:
+    """
+    End the distributed part of a process cleanly at interpreter exit, while
+    the interpreter is still whole.
+
+    Gloo's worker threads free each finished collective's tensors after the
+    caller has seen the result; a tensor with a Python object needs the GIL
+    to be freed. If that happens while the interpreter finalizes, the thread
+    is stopped inside a C++ frame and the process aborts ("terminate called
+    without an active exception", SIGABRT: a finished job that the launcher
+    reports as failed; seen in core dumps as
+    ``ProcessGroupGloo::runLoop → ~AsyncAllreduceWork → THPVariable_dealloc →
+    take_gil → pthread_exit``). Here, at ``atexit``: the failure watchdog is
+    stopped; the process groups are destroyed if the script did not do it
+    (after a failure they are left alone, as destroying groups that peers
+    still use can hang); and the worker threads get a moment, with the GIL
+    released, to free what they still hold.
+    """
+    stop_watchdog()
+    if aborted() or getattr(sys, "last_value", None) is not None:
+        return
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    time.sleep(0.05)
+
+
+def _in_torchrun() -> bool:
+    return all(v in os.environ for v in _TORCHRUN_VARS)
+
+
+def _attempt_store(timeout: datetime.timedelta):
+    """
+    The rendezvous store of this launch attempt. Under ``torchrun
+    --max-restarts`` the agent's store outlives a failed attempt, and a
+    restarted rank could read a dead peer's address left from the previous
+    attempt (then fail with "Connection refused"); keys are therefore
+    prefixed with the attempt number.
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent_store and rank == 0,
+        timeout=timeout,
+        multi_tenant=not agent_store,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"pyro_sp/attempt_{attempt}", store), rank, world
+
+
+def init_mesh(
+    sample: int | None = None,
+    data: int | None = None,
+    *,
+    backend: str | None = None,
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+) -> SPMesh:
+    """
+    Initialise the default process group from the torchrun environment (if
+    not already done) and return the :class:`SPMesh` over it.
+
+    Outside torchrun, with no process group, returns the single-process mesh.
+    Give ``sample``, ``data``, both or neither (then every rank is on the
+    sample axis); the missing degree is ``world_size // given``.
+
+    :param int sample: size of the sample axis.
+    :param int data: size of the data axis.
+    :param str backend: ``"nccl"`` or ``"gloo"``; default NCCL when CUDA is
+        available, else gloo.
+    :param datetime.timedelta timeout: timeout of every collective.
+    """
+    check_not_aborted()
+    if not dist.is_initialized() and _in_torchrun():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        store, rank, world = _attempt_store(timeout)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        start_watchdog()  # a rank waiting on the GPU is not woken by a peer's abort (pyro_sp.distributed.failure)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if sample is None and data is None:
+        sample = world
+    for name, given in (("sample", sample), ("data", data)):
+        if given is not None and (not isinstance(given, int) or given < 1 or world % given):
+            raise ValueError(
+                f"Expected {name} to be a positive divisor of the world size {world}, got "
+                f"sample={sample}, data={data}. Launch a multiple of {given} ranks or "
+                f"change {name}."
+            )
+    if sample is None:
+        sample = world // data
+    if data is None:
+        data = world // sample
+    return SPMesh(sample=sample, data=data)
+
+
+def launch_module(module: str, args: list[str], nproc: int, prog: str = "pyro-sp") -> int:
+    """``python -m torch.distributed.run --standalone --nproc-per-node nproc -m module *args``,
+    in this process, with ``args`` kept out of the launcher's option parser (which would
+    take an option such as ``--start`` for its ``--start-method``). Returns the exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launcher = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--module", module, "placeholder"]
+    )
+    launcher.training_script_args = list(args)
+    try:
+        run(launcher)
+    except ChildFailedError as e:
+        failures = "; ".join(f"rank {r}: exit code {f.exitcode}" for r, f in sorted(e.failures.items()))
+        print(f"{prog}: a rank failed ({failures}); see its error above.", file=sys.stderr)
+        return 1
+    return 0
