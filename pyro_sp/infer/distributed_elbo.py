@@ -81,8 +81,11 @@ class DistributedELBO:
        derivatives only) and need no collective.
 
     Nonlinear estimators (Renyi, tail-adaptive) gather over the sample axis
-    after step 2; a rank that fails there (e.g. out of memory in ``backward``)
-    leaves the others waiting until the collective timeout.
+    after step 2. A rank that fails after the gather (e.g. out of memory in
+    ``backward``) joins the next collective with a failure flag, and every
+    rank raises; one that fails before it, while the others already wait in
+    the gather, stops them by aborting the process groups
+    (:mod:`pyro_sp.distributed.failure`).
 
     With fewer particles than sample ranks, the ranks without a particle
     evaluate one stand-in particle (so parameters and collectives stay the

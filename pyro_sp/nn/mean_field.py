@@ -117,7 +117,7 @@ class MeanFieldVI(torch.nn.Module):
     """
     Mean-field variational inference for a :class:`BayesianModule`, with each
     step fused into a few tensor programs (optionally :func:`torch.compile`\\ d)
-    and the gradient reduction overlapped with the backward pass.
+    and the gradients reduced by either of pyro_sp's two strategies.
 
     It computes the same estimator as Pyro's ``Trace_ELBO`` (``kl="sample"``)
     or ``TraceMeanField_ELBO`` (``kl="analytic"``, the default) with
@@ -173,8 +173,9 @@ class MeanFieldVI(torch.nn.Module):
     :param SPMesh mesh: the process grid; default :func:`~pyro_sp.default_mesh`.
     :param int seed: seed of the per-rank particle streams (default: rank 0's
         :func:`torch.initial_seed`).
-    :param bool compile: :func:`torch.compile` the step; DDP's graph
-        splitting keeps the reduction overlapped.
+    :param bool compile: :func:`torch.compile` the step (one whole graph: its
+        gradient buckets are reduced right after the compiled backward, unless
+        ``split_compiled_graph=True``).
     :param str check: ``"first"``: the first step verifies on every rank
         that the ranks agree and none failed (one small collective), later
         steps run without host synchronisation; ``"always"``: every step
@@ -189,7 +190,7 @@ class MeanFieldVI(torch.nn.Module):
         backward. Off by default: on two H100s it made the Bayesian MLP's
         step slower (the split keeps more particle-sized tensors alive) than
         one whole graph whose buckets are reduced right after backward (see
-        BENCHMARKS.md). Eager steps always overlap.
+        BENCHMARKS.md). Eager steps with ``gradient_sync="bucketed"`` always overlap.
     """
 
     def __init__(
@@ -409,7 +410,7 @@ class MeanFieldVI(torch.nn.Module):
             return failing_fast(what) if group is not None and not flat else contextlib.nullcontext()
 
         work = None
-        if validate:
+        if validate and group is not None:
             local, value = guarded(lambda: self._local_loss(x, y, noise), group=group, what=what,
                                    device=self.mesh.device, value=lambda t: t.detach())
             total = torch.tensor(value, dtype=local.dtype, device=local.device)
