@@ -1,6 +1,6 @@
 #!/bin/bash
 # pyro-sp bench overhead and the CPU 2-rank step, before vs after, alternating rounds.
-REPO=${REPO:-$(pwd)}; OUT=${OUT:-benchmarks/out/core_refactor}; mkdir -p $OUT; cd /tmp
+REPO=${REPO:-$(pwd)}; OUT=$(realpath -m "${OUT:-benchmarks/out/core_refactor}"); mkdir -p "$OUT"; cd /tmp
 for round in 1 2 3; do
   for v in before after; do
     PYTHONPATH=$REPO/wheels/$v python3 -m pyro_sp.cli bench overhead --rounds 3 --steps 20 \
