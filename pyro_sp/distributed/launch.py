@@ -5,69 +5,27 @@
   the store of this launch attempt, and the :class:`~pyro_sp.SPMesh` over it;
 - :func:`launch_module`: ``torchrun --standalone`` of a module from inside a
   process (``pyro-sp demo``, ``pyro-sp bench``, the benchmarks' launches);
-- the clean exit at interpreter shutdown (:func:`register_teardown`).
 """
 
 from __future__ import annotations
 
-import atexit
 import datetime
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
-from pyro_sp.distributed.failure import aborted, check_not_aborted, start_watchdog, stop_watchdog
+from pyro_sp.distributed.failure import check_not_aborted, start_watchdog
 from pyro_sp.distributed.mesh import SPMesh
 
-__all__ = ["DEFAULT_TIMEOUT", "init_mesh", "launch_module", "register_teardown"]
+__all__ = ["DEFAULT_TIMEOUT", "init_mesh", "launch_module"]
 
 #: Default timeout of every collective: a rank that stops answering turns into
 #: an error on the others after this long instead of a hang.
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-_TEARDOWN_REGISTERED = [False]
-
-
-def register_teardown() -> None:
-    """Register :func:`_teardown` once per process (by any mesh built over a process group)."""
-    if not _TEARDOWN_REGISTERED[0]:
-        _TEARDOWN_REGISTERED[0] = True
-        atexit.register(_teardown)
-
-
-def _teardown() -> None:
-    """
-    End the distributed part of a process cleanly at interpreter exit, while
-    the interpreter is still whole.
-
-    Gloo's worker threads free each finished collective's tensors after the
-    caller has seen the result; a tensor with a Python object needs the GIL
-    to be freed. If that happens while the interpreter finalizes, the thread
-    is stopped inside a C++ frame and the process aborts ("terminate called
-    without an active exception", SIGABRT: a finished job that the launcher
-    reports as failed; seen in core dumps as
-    ``ProcessGroupGloo::runLoop → ~AsyncAllreduceWork → THPVariable_dealloc →
-    take_gil → pthread_exit``). Here, at ``atexit``: the failure watchdog is
-    stopped; the process groups are destroyed if the script did not do it
-    (after a failure they are left alone, as destroying groups that peers
-    still use can hang); and the worker threads get a moment, with the GIL
-    released, to free what they still hold.
-    """
-    stop_watchdog()
-    if aborted() or getattr(sys, "last_value", None) is not None:
-        return
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
-    time.sleep(0.05)
-
 
 def _in_torchrun() -> bool:
     return all(v in os.environ for v in _TORCHRUN_VARS)

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from pyro_sp.distributed.collectives import shared_seed
 from pyro_sp.distributed.failure import check_not_aborted
+from pyro_sp.distributed.teardown import register_teardown
 
 __all__ = ["SPMesh", "default_mesh", "particle_share", "share_counts"]
 
@@ -83,8 +84,6 @@ class SPMesh:
         check_not_aborted()
         if dist.is_available() and dist.is_initialized():
             self._distributed, self._rank, self._world = True, dist.get_rank(), dist.get_world_size()
-            from pyro_sp.distributed.launch import register_teardown  # launch builds meshes: imported here
-
             register_teardown()
         for name, value in (("sample", self.sample), ("data", self.data)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

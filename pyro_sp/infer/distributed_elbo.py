@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import pyro
 import torch
-import torch.distributed as dist
 from pyro import poutine
 
 from pyro_sp.distributed.collectives import all_reduce_sum, broadcast_tensors, gather_rows
