@@ -8,7 +8,8 @@ module              concept
 ``mesh``            :class:`SPMesh`: the degrees (sample × data) and this rank's
                     coordinates, stored at construction; particle shares
 ``launch``          :func:`init_mesh` from torchrun's environment (attempt-keyed store),
-                    :func:`launch_module`, the clean exit
+                    :func:`launch_module`
+``teardown``        the clean exit at interpreter shutdown
 ``guard``           :func:`guarded` / :func:`step_check`: run locally, agree, raise the
                     same failure everywhere; :class:`RankError`
 ``failure``         stopping every rank where no collective can carry a failure (abort,
