@@ -2,7 +2,7 @@
 """Stopping every rank when one rank fails where no collective can say so.
 
 Most of pyro_sp's failure handling rides on a collective that every rank
-makes anyway: the per-step check (:func:`pyro_sp.distributed.collectives.step_check`)
+makes anyway: the per-step check (:func:`pyro_sp.distributed.guard.step_check`)
 carries a failure flag, and so does the gradient all-reduce of the
 estimators. But some failures happen while the other ranks are already
 inside a collective that the failing rank will never join, e.g. an

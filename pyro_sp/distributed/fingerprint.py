@@ -6,7 +6,7 @@ the same random state): they split the particles of *one* estimate. Nothing in
 Pyro would notice if they did not — training would run to a wrong answer with
 identical parameters on every rank. :func:`data_fingerprint` condenses the
 arguments of a call into a 16-bit number that the per-step check compares
-across the ranks of each sample group (see :func:`pyro_sp.distributed.collectives.step_check`).
+across the ranks of each sample group (see :func:`pyro_sp.distributed.guard.step_check`).
 
 What enters it:
 
