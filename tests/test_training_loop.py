@@ -78,12 +78,25 @@ def test_augmentation_streams(pools, independent):
 
 
 def test_bundled_data_sets():
+    from sklearn.datasets import load_digits as sklearn_digits
+    from statsmodels.datasets import sunspots
+
     digits = load_digits(images=True)
+    reference = sklearn_digits()
     assert digits.x_train.shape[1:] == (1, 8, 8) and len(digits.x_train) + len(digits.x_test) == 1797
-    assert 0.0 <= digits.x_train.min() and digits.x_train.max() <= 1.0
+    # every image of scikit-learn's set, scaled by 1/16, once: the same pixels and labels, split
+    pixels = torch.cat([digits.x_train, digits.x_test]).reshape(-1, 64) * 16
+    ours = sorted(map(tuple, torch.cat([pixels, torch.cat([digits.y_train, digits.y_test]).unsqueeze(-1)], 1).tolist()))
+    theirs = sorted(map(tuple, torch.cat([torch.tensor(reference.data, dtype=torch.float32),
+                                          torch.tensor(reference.target).unsqueeze(-1)], 1).tolist()))
+    assert ours == theirs
     sun = load_sunspots(window=12)
-    assert sun.x_train.shape[1] == 12 and len(sun.x_train) == len(sun.y_train)
-    assert torch.isfinite(sun.x_train).all() and torch.isfinite(sun.y_test).all()
+    series = torch.tensor(sunspots.load_pandas().data["SUNACTIVITY"].to_numpy(), dtype=torch.float32)
+    assert sun.x_train.shape[1] == 12 and len(sun.x_train) + len(sun.x_test) == len(series) - 12
+    # standardised with the training years' mean and deviation, in time order (a forecast split)
+    cut = int(len(series) * 0.8)  # the first 80 % of the years (test_fraction=0.2)
+    z = (series - series[:cut].mean()) / series[:cut].std()
+    assert torch.allclose(sun.x_train[0], z[:12]) and torch.allclose(sun.y_test[-1], z[-1])
     # the windows are the series itself: the target of one window starts the next
     assert torch.equal(sun.x_train[1, -1], sun.y_train[0])
 
@@ -307,9 +320,13 @@ def test_demo_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test accuracy" in proc.stdout and "ECE" in proc.stdout
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert 0.0 <= report["accuracy"] <= 1.0 and report["steps"] == 12
-    for name in ("reliability.png", "uncertainty.png", "metrics.jsonl", "checkpoint.pt"):
-        assert (tmp_path / "demo" / name).stat().st_size > 0
+    assert report["steps"] == 12  # 1 epoch of the 1437 training digits in batches of 128
+    assert f"test accuracy {report['accuracy']:.3f}  NLL {report['nll']:.3f}  ECE {report['ece']:.3f}" in proc.stdout
+    metrics = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 13)) and metrics[-1]["loss"] == report["final_loss"]
+    for name in ("reliability.png", "uncertainty.png"):
+        assert (tmp_path / "demo" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "demo" / "checkpoint.pt").read_bytes().startswith(b"pyro_sp checkpoint v2 sha256=")
 
 
 @pytest.mark.parametrize(
