@@ -8,15 +8,27 @@ thread forced on (it polls the store once a second).
 
 Run it for two versions side by side (e.g. a checkout of the commit before
 the change on ``PYTHONPATH``), alternating, and compare the medians; see
-BENCHMARKS.md.
+BENCHMARKS.md. The timing loop is this source tree's
+``pyro_sp/bench/timing.py``, loaded by its path, so the version measured may
+predate it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import statistics
 import sys
-import time
+
+
+def _timing():
+    """This source tree's :mod:`pyro_sp.bench.timing`, whatever pyro_sp is on ``PYTHONPATH``."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyro_sp", "bench", "timing.py")
+    spec = importlib.util.spec_from_file_location("_pyro_sp_bench_timing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
@@ -29,6 +41,7 @@ def main() -> None:
     import pyro_sp
     from pyro_sp.nn import BayesianModule, MeanFieldVI
 
+    step_times = _timing().step_times
     out, watchdog = sys.argv[1], "--watchdog" in sys.argv
     torch.set_num_threads(1)
     mesh = pyro_sp.init_mesh()
@@ -52,14 +65,7 @@ def main() -> None:
     opt = torch.optim.Adam(vi.parameters(), lr=0.01)
     result = {}
     for name, step in (("trace_elbo_svi", lambda: svi.step(x, y)), ("mean_field_vi", lambda: vi.step(opt, x, y))):
-        for _ in range(20):
-            step()
-        times = []
-        for _ in range(300):
-            torch.distributed.barrier()
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
+        times, _ = step_times(step, warmup=20, steps=300, before=torch.distributed.barrier)
         result[name] = statistics.median(times) * 1e3
     if mesh.rank == 0:
         with open(out, "w") as f:

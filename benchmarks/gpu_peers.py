@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Per-GPU baselines for the Bayesian MLP of ``gpu_mlp.py`` (3072-2048-2048-10,
-batch 256, mean-field Normal guide with softplus scales, N(0, 1) priors,
-vectorized particles): the same estimator written in raw PyTorch (eager and
-``torch.compile``) and in NumPyro (``jit``). Not a test; writes JSON.
+"""Per-GPU baselines for the Bayesian MLP of ``pyro-sp bench gpu-single``
+(3072-2048-2048-10, batch 256, mean-field Normal guide with softplus scales,
+N(0, 1) priors, vectorized particles): the same estimator written in raw
+PyTorch (eager and ``torch.compile``) and in NumPyro (``jit``). Not a test;
+writes JSON. Steps are timed by :mod:`pyro_sp.bench.timing`.
 
     python benchmarks/gpu_peers.py torch --particles 8 32 64 --out torch.json
     XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/gpu_peers.py numpyro --particles 8 32 64 --out numpyro.json
@@ -12,10 +13,16 @@ vectorized particles): the same estimator written in raw PyTorch (eager and
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
+import os
 import statistics
-import time
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pyro_sp.bench.timing import step_times, timed
 
 SIZES = (3072, 2048, 2048, 10)
 BATCH = 256
@@ -64,18 +71,7 @@ def torch_suite(args) -> dict:
     for n in args.particles:
         row = {"particles": n}
         for name, fn in (("raw_torch_eager", loss_fn), ("raw_torch_compile", compiled)):
-            for _ in range(args.warmup):
-                step(fn, n)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(args.steps):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                step(fn, n)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            row[name] = {"step_ms_median": 1e3 * statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+            row[name] = timed(functools.partial(step, fn, n), warmup=args.warmup, steps=args.steps, device=device)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"suite": "raw_torch", "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
@@ -95,17 +91,14 @@ def timed_updates(update, state, args, warmup: int, steps: int):
     ``(state, loss, seconds per timed step)``."""
     import jax
 
-    loss = None
-    for _ in range(warmup):
-        state, loss = update(state, *args)
-    jax.block_until_ready(loss)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, loss = update(state, *args)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t0)
-    return state, loss, times
+    now = {"state": state, "loss": None}
+
+    def step():
+        now["state"], now["loss"] = update(now["state"], *args)
+        return now["loss"]
+
+    times, _ = step_times(step, warmup=warmup, steps=steps, wait=jax.block_until_ready)
+    return now["state"], now["loss"], times
 
 
 def jax_peak() -> dict:

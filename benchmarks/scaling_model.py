@@ -1,6 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """A scaling MODEL (predictions, not measurements) for sampling parallelism
-on W GPUs of one host, calibrated on the 1- and 2-GPU runs of ``gpu_mlp.py``.
+on W GPUs of one host, calibrated on the 1- and 2-GPU runs of
+``DistributedTrace_ELBO``: files of ``pyro-sp bench gpu-scaling`` (variants
+``pyro_sp`` and ``pyro_sp_primitives``, sample axis only), or those recorded
+with the former ``benchmarks/gpu_mlp.py`` (``benchmarks/results/h200x2_scaling_*.json``).
 
 Per step on W GPUs with n particles per GPU:
 
@@ -36,13 +39,26 @@ import statistics
 import sys
 
 
+def _row(r: dict) -> dict | None:
+    """A row of either format as ``{gpus, particles_total, particles_per_gpu, step_ms_median,
+    gradient_all_reduce_per_step: {ms}}``, or None for a row the model does not use."""
+    if "result" not in r:  # recorded with the former benchmarks/gpu_mlp.py
+        return r if r.get("mode", "sample_parallel") == "sample_parallel" else None
+    if r["variant"] not in ("pyro_sp", "pyro_sp_primitives") or not isinstance(r["result"], dict) \
+            or not r["grid"].endswith("x1"):
+        return None
+    reduce_s = r["result"]["collectives_per_step"]["all_reduce_gradients"]["seconds"]
+    return {"gpus": r["gpus"], "particles_total": r["particles_total"], "particles_per_gpu": r["particles_per_gpu"],
+            "step_ms_median": r["result"]["step_ms_median"], "gradient_all_reduce_per_step": {"ms": 1e3 * reduce_s}}
+
+
 def load(paths):
     one, two = {}, []
     for path in paths:
         with open(path) as f:
-            rows = json.load(f)["rows"]
+            rows = [_row(r) for r in json.load(f)["rows"]]
         for r in rows:
-            if r.get("mode", "sample_parallel") != "sample_parallel":
+            if r is None:
                 continue
             if r["gpus"] == 1:
                 one.setdefault(r["particles_total"], []).append(r["step_ms_median"])

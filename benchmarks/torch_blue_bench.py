@@ -28,8 +28,8 @@ computes explicit softmax attention as well.
 Suites
 ------
 ``single``  one process: for each N, the median step time over ``--steps``
-            steps after ``--warmup`` (``torch.cuda.synchronize`` around each
-            step) and, on CUDA, the peak memory of the timed steps. A step is
+            steps after ``--warmup`` (:mod:`pyro_sp.bench.timing`: CUDA
+            synchronised around each step) and, on CUDA, the peak memory of the timed steps. A step is
             ``zero_grad; loss = KL-loss(model(x, samples=N), y);
             loss.backward(); Adam(lr 1e-3).step()``. Out-of-memory is recorded
             per N.
@@ -307,12 +307,10 @@ def _timed_steps(net, loss_fn, x, y, samples: int, warmup: int, steps: int, devi
         warnings.simplefilter("always")
         step()
     first_warnings = sorted({str(w.message).split(" (Triggered")[0] for w in caught})
-    for _ in range(max(warmup - 1, 0)):
-        step()
     _bench_models()  # pyro_sp importable, also from a source checkout
-    from pyro_sp.bench.gpu import step_times
+    from pyro_sp.bench.timing import step_times
 
-    times, peak = step_times(step, device, steps)
+    times, peak = step_times(step, warmup=max(warmup - 1, 0), steps=steps, device=device)
     return times, peak, first_warnings
 
 

@@ -1,7 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Every benchmark suite runs once in its tiny configuration through
-``pyro-sp bench`` (CPU; the numbers are not checked, the code paths are), and
-the peers' scripts in benchmarks/ run when their libraries are installed."""
+``pyro-sp bench`` (CPU; the numbers are not checked, the code paths are, and
+so is the accounting of every kind of collective), the one timing loop is
+checked directly, and the peers' scripts in benchmarks/ run when their
+libraries are installed."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import subprocess
 import sys
 
 import pytest
+
+from pyro_sp.bench.timing import COLLECTIVE_KINDS, step_times, timed
+from pyro_sp.distributed.launch import start_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -28,6 +33,16 @@ def bench(*args, tmp_path) -> dict:
         return json.load(f)
 
 
+def test_timing_loop():
+    calls = []
+    times, peak = step_times(lambda: calls.append(1) or len(calls), warmup=2, steps=3,
+                             wait=lambda r: calls.append(-r), before=lambda: calls.append(0))
+    assert len(times) == 3 and all(t >= 0 for t in times) and peak is None
+    # warm-up steps untimed (each waited for), then before / step / wait per timed step
+    assert calls == [1, -1, 1, -3, 0, 1, -6, 0, 1, -9, 0, 1, -12]
+    assert set(timed(lambda: None, steps=2)) == {"step_ms_median"}  # no peak memory off CUDA
+
+
 def test_overhead(tmp_path):
     r = bench("overhead", "--tiny", tmp_path=tmp_path)
     assert r["ratio_median"] > 0
@@ -38,6 +53,16 @@ def test_cpu_scaling(tmp_path):
     assert set(r["median_step_s"]) == {
         "one_process_1_thread", "one_process_2_threads", "2_ranks_1_thread", "2_independent_shares_1_thread"
     }
+    per_step = r["collectives_per_step"]  # every kind listed, the ones the estimator's step runs counted
+    assert set(COLLECTIVE_KINDS) <= set(per_step)
+    assert per_step["all_reduce_gradients"]["collectives"] == 1 and per_step["step_check"]["collectives"] == 1
+    assert per_step["bucketed_gradients"]["collectives"] == 0
+
+
+def test_cpu_step_lists_every_collective(tmp_path):
+    r = bench("cpu-step", "--tiny", "--nproc", "2", tmp_path=tmp_path)
+    assert r["world_size"] == 2 and set(COLLECTIVE_KINDS) <= set(r["per_step"])
+    assert {k for k, v in r["per_step"].items() if v["collectives"]} == {"all_reduce_gradients", "step_check"}
 
 
 def test_sync(tmp_path):
@@ -45,11 +70,15 @@ def test_sync(tmp_path):
     assert r["world_size"] == 2 and set(r["reduction_s"]) == {
         "pyro_sp_flat_all_reduce", "ddp_mean_hook", "ddp_sum_hook"
     }
+    # the two strategies of pyro_sp.distributed.gradients, each one collective here
+    assert set(r["collectives_per_step"]["pyro_sp_flat_all_reduce"]) == {"all_reduce_gradients"}
+    assert set(r["collectives_per_step"]["ddp_sum_hook"]) == {"bucketed_gradients"}
 
 
 @pytest.mark.parametrize("model", ["mlp", "vit"])
 def test_gpu_single_on_cpu(tmp_path, model):
-    variants = ["pyro", "pyro_sp", "fused_eager"] + (["fused"] if model == "mlp" else [])
+    variants = ["pyro", "pyro_sp", "fused_eager"] + (["fused", "pyro_primitives", "pyro_sp_primitives"]
+                                                     if model == "mlp" else [])
     r = bench("gpu-single", "--tiny", "--device", "cpu", "--model", model, "--particles", "2",
               "--variants", *variants, tmp_path=tmp_path)
     row = r["rows"][0]
@@ -64,6 +93,11 @@ def test_gpu_scaling_on_cpu(tmp_path):
         ("fused_eager", "weak", "2x1"), ("pyro_sp", "weak", "2x1"),
     }
     assert all(isinstance(row["result"], dict) for row in r["rows"])
+    for row in r["rows"]:
+        counted = {k for k, v in row["result"]["collectives_per_step"].items() if v["collectives"]}
+        assert set(COLLECTIVE_KINDS) <= set(row["result"]["collectives_per_step"])
+        assert counted == ({"bucketed_gradients", "loss_sum"} if row["variant"] == "fused_eager"
+                           else {"all_reduce_gradients", "step_check"})
 
 
 def test_memory_needs_cuda(tmp_path):
@@ -78,13 +112,13 @@ def test_unknown_suite():
     assert proc.returncode == 2 and "expected a suite" in proc.stderr
 
 
-def _script(*args, tmp_path, torchrun: bool = False) -> dict:
+def _script(module, *args, tmp_path, torchrun: bool = False) -> dict:
+    """Run ``benchmarks/<module>.py`` alone, or on 2 ranks (through pyro_sp's launcher)."""
     out = tmp_path / "peer.json"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"] if torchrun \
-        else [sys.executable]
-    proc = subprocess.run(launcher + list(args) + ["--out", str(out)], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = start_module(f"benchmarks.{module}", list(args) + ["--out", str(out)], nproc=2 if torchrun else None,
+                        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
     with open(out) as f:
         return json.load(f)
 
@@ -92,20 +126,20 @@ def _script(*args, tmp_path, torchrun: bool = False) -> dict:
 @pytest.mark.parametrize("model", ["mlp", "vit"])
 def test_torch_blue_peer(tmp_path, model):
     pytest.importorskip("torch_blue")
-    r = _script("benchmarks/torch_blue_bench.py", "single", "--model", model, "--tiny", "--device", "cpu",
+    r = _script("torch_blue_bench", "single", "--model", model, "--tiny", "--device", "cpu",
                 "--particles", "2", tmp_path=tmp_path)
     assert r["rows"][0]["torch_blue"]["step_ms_median"] > 0
 
 
 def test_torch_blue_paper_mode(tmp_path):
     pytest.importorskip("torch_blue")
-    r = _script("benchmarks/torch_blue_bench.py", "paper", "--model", "mlp", "--tiny", "--device", "cpu",
+    r = _script("torch_blue_bench", "paper", "--model", "mlp", "--tiny", "--device", "cpu",
                 "--per-gpu", "2", tmp_path=tmp_path, torchrun=True)
     assert r["rows"][0]["torch_blue"]["step_ms_median"] > 0
 
 
 def test_numpyro_vit_peer(tmp_path):
     pytest.importorskip("numpyro")
-    r = _script("benchmarks/numpyro_vit.py", "--tiny", "--particles", "2", "--warmup", "1", "--steps", "2",
+    r = _script("numpyro_vit", "--tiny", "--particles", "2", "--warmup", "1", "--steps", "2",
                 tmp_path=tmp_path)
     assert r["rows"][0]["numpyro_jit"]["step_ms_median"] > 0

@@ -5,6 +5,7 @@
 suite           what                                                         module
 =============== ============================================================ ===========
 ``overhead``    one process: ``DistributedTrace_ELBO`` / Pyro's ``Trace_ELBO`` :mod:`~pyro_sp.bench.cpu`
+``cpu-step``    SVI step time and every collective per step (``--nproc``)    :mod:`~pyro_sp.bench.cpu`
 ``cpu-scaling`` 1 process with N particles vs ``--nproc`` ranks with N/nproc :mod:`~pyro_sp.bench.cpu`
 ``sync``        gradient reduction: pyro_sp's flat all-reduce vs DDP (gloo)  :mod:`~pyro_sp.bench.cpu`
 ``gpu-single``  step time and peak memory vs N: Pyro, pyro_sp, MeanFieldVI   :mod:`~pyro_sp.bench.gpu`
@@ -13,6 +14,8 @@ suite           what                                                         mod
 =============== ============================================================ ===========
 
 ``--tiny`` runs any suite in a few seconds on a CPU (the test suite does).
+Every suite times its steps with :mod:`~pyro_sp.bench.timing` (the one timing
+loop) and launches ranks through :mod:`pyro_sp.distributed.launch`.
 Peers that need other libraries (NumPyro, torch_blue, raw torch) are scripts
 in the source tree's ``benchmarks/`` folder.
 """
@@ -28,6 +31,7 @@ __all__ = ["SUITES", "format_result", "main"]
 #: suite name -> (module, its own suite name, launched with one process per rank)
 SUITES = {
     "overhead": ("pyro_sp.bench.cpu", "overhead", False),
+    "cpu-step": ("pyro_sp.bench.cpu", "step", True),
     "cpu-scaling": ("pyro_sp.bench.cpu", "scaling", False),
     "sync": ("pyro_sp.bench.cpu", "sync", False),
     "gpu-single": ("pyro_sp.bench.gpu", "single", False),
@@ -67,6 +71,10 @@ def format_result(result: dict) -> str:
             ["variant", "largest N that fits", "smallest N that fails"],
             [[v, r["largest_fitting"], r["smallest_failing"]] for v, r in result["variants"].items()],
         )
+    if suite == "step":
+        head = f"{result['world_size']} rank(s), step {1e3 * result['step_s_median']:.2f} ms (median)\n"
+        return head + _table(["collective", "per step", "bytes", "seconds"],
+                             [[k, v["collectives"], v["bytes"], v["seconds"]] for k, v in result["per_step"].items()])
     if suite == "sync":
         return _table(["variant", "median s", "reduction s"],
                       [[k, v, result["reduction_s"].get(k, "-")] for k, v in result["median_s"].items()])

@@ -7,8 +7,9 @@ Suites
               the ``Trace_ELBO`` it replaces, same model, same N, paired
               alternating runs; reports the median of per-round ratios.
 ``step``      times SVI steps in the current launch (alone, or under torchrun):
-              per-step median, and the share of the step spent in pyro_sp's
-              collectives (count, bytes, seconds).
+              per-step median, and every collective of pyro_sp per step, by
+              kind (count, bytes, seconds; every kind listed, zero where none
+              ran), with their share of the step.
 ``scaling``   launches, round after round, (a) one process with all N particles
               and one thread, (b) one process with all N and ``--threads``
               threads, (c) ``--nproc`` ranks (torchrun) each with N / nproc
@@ -22,16 +23,22 @@ Suites
               ``t(d) / t(c)``: what pyro_sp's collectives cost on top of
               running the shares side by side.
 ``sync``      gradient synchronisation on ``--nproc`` gloo ranks for the
-              mean-field parameters (loc and scale) of the MLP: pyro_sp's flat
-              all-reduce (``DistributedTrace_ELBO``'s path) against
-              ``DistributedDataParallel``'s bucketed reduction (DDP's averaging
-              hook and ``MeanFieldVI``'s summing hook), each timed as the
+              mean-field parameters (loc and scale) of the MLP: pyro_sp's two
+              gradient strategies, ``"flat"`` (``all_reduce_gradients``,
+              ``DistributedTrace_ELBO``'s path; key ``pyro_sp_flat_all_reduce``)
+              and ``"bucketed"`` (``BucketedSum``, ``MeanFieldVI``'s; key
+              ``ddp_sum_hook``), against ``DistributedDataParallel`` with its
+              own averaging hook (``ddp_mean_hook``), each timed as the
               backward of a trivial loss with and without the reduction.
+
+Launches (``scaling``, ``sync``) go through
+:func:`pyro_sp.distributed.launch.start_module`; every time comes from
+:mod:`pyro_sp.bench.timing`.
 
 Examples::
 
     pyro-sp bench overhead --out benchmarks/out/overhead.json
-    torchrun --nproc-per-node 2 -m pyro_sp.bench.cpu step --particles 32
+    pyro-sp bench cpu-step --nproc 2 --particles 32
     pyro-sp bench cpu-scaling --nproc 2 --out benchmarks/out/scaling.json
     pyro-sp bench sync --nproc 2
 """
@@ -46,7 +53,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import pyro
 import pyro.distributions as dist
@@ -55,6 +61,8 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_sp
+from pyro_sp.bench.timing import collectives_per_step, step_times
+from pyro_sp.distributed.launch import start_module
 from pyro_sp.distributed.record import record_collectives
 
 
@@ -87,14 +95,8 @@ def make_problem(args):
 
 
 def time_steps(svi, x, y, warmup: int, steps: int) -> list[float]:
-    for _ in range(warmup):
-        svi.step(x, y)
-    out = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        svi.step(x, y)
-        out.append(time.perf_counter() - t0)
-    return out
+    """Seconds of each of ``steps`` ``svi.step(x, y)`` after ``warmup`` (:func:`~pyro_sp.bench.timing.step_times`)."""
+    return step_times(lambda: svi.step(x, y), warmup=warmup, steps=steps)[0]
 
 
 def new_svi(model, loss, seed=0):
@@ -145,14 +147,7 @@ def step(args) -> dict:
     times = time_steps(svi, x, y, args.warmup, args.steps)
     with record_collectives() as rec:
         timed = time_steps(svi, x, y, 0, args.steps)
-    per_step = {}
-    for kind in ("all_reduce_gradients", "step_check"):
-        n, nbytes, secs = rec.total(kind)
-        per_step[kind] = {
-            "collectives": n / args.steps,
-            "bytes": nbytes / args.steps,
-            "seconds": secs / args.steps,
-        }
+    per_step = collectives_per_step(rec, args.steps)  # every kind, zero where none ran
     comm = sum(v["seconds"] for v in per_step.values())
     lo, hi = mesh.particle_share(args.particles)
     result = {
@@ -172,16 +167,20 @@ def step(args) -> dict:
     return result if rank == 0 else {}
 
 
-def _launch(cmd: list[str], env: dict, copies: int = 1) -> list[dict]:
-    """Run ``copies`` instances of ``cmd`` at the same time; return their JSON results."""
+def _launch(args: list[str], env: dict, nproc: int | None = None, copies: int = 1) -> list[dict]:
+    """Run ``copies`` launches of this module with ``args`` at the same time (each one process,
+    or ``nproc`` ranks under torchrun: :func:`~pyro_sp.distributed.launch.start_module`);
+    return their JSON results."""
     paths, procs = [], []
     for _ in range(copies):
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             paths.append(f.name)
-        procs.append(subprocess.Popen(cmd + ["--out", paths[-1]], env=env, stdout=subprocess.DEVNULL))
+        procs.append(start_module("pyro_sp.bench.cpu", args + ["--out", paths[-1]], nproc=nproc, prog="pyro-sp bench",
+                                  env=env, stdout=subprocess.DEVNULL))
     for p in procs:
         if p.wait() != 0:
-            raise RuntimeError(f"benchmark run failed: {' '.join(cmd)}")
+            where = "alone" if nproc is None else f"on {nproc} ranks"
+            raise RuntimeError(f"benchmark run failed ({where}): {' '.join(args)}")
     out = []
     for path in paths:
         with open(path) as f:
@@ -194,7 +193,7 @@ def _sync_worker(args) -> dict:
     """One rank of the ``sync`` suite (under torchrun)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from pyro_sp.distributed.gradients import _sum_hook, all_reduce_gradients, ddp_without_buffer_sync
+    from pyro_sp.distributed.gradients import BucketedSum, all_reduce_gradients, ddp_without_buffer_sync
 
     torch.set_num_threads(1)
     mesh = pyro_sp.init_mesh(backend="gloo")  # CPU tensors, also on hosts with GPUs
@@ -220,11 +219,8 @@ def _sync_worker(args) -> dict:
         for p, g in zip(module, all_reduce_gradients(list(module), [p.grad for p in module], group=group)):
             p.grad = g
 
-    ddp_mean = DistributedDataParallel(_Params(module), **ddp_without_buffer_sync())
-    ddp_sum = DistributedDataParallel(
-        _Params(module), gradient_as_bucket_view=True, **ddp_without_buffer_sync()
-    )
-    ddp_sum.register_comm_hook(group, _sum_hook)
+    ddp_mean = DistributedDataParallel(_Params(module), **ddp_without_buffer_sync())  # the peer: DDP's own mean
+    ddp_sum = BucketedSum(_Params(module), group=group).module  # pyro_sp's "bucketed" strategy
 
     def through(ddp):
         def run():
@@ -237,13 +233,17 @@ def _sync_worker(args) -> dict:
     variants = {"local_backward": local, "pyro_sp_flat_all_reduce": flat,
                 "ddp_mean_hook": through(ddp_mean), "ddp_sum_hook": through(ddp_sum)}
     times = {name: [] for name in variants}
-    for i in range(args.warmup + args.steps):
+    for i in range(args.warmup + args.steps):  # the variants interleaved, step by step
         for name, fn in variants.items():
-            torch.distributed.barrier()
-            t0 = time.perf_counter()
-            fn()
+            (t,), _ = step_times(fn, steps=1, before=torch.distributed.barrier)
             if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(t)
+    collectives = {}
+    for name, fn in variants.items():
+        with record_collectives() as rec:
+            fn()
+        collectives[name] = {k: v for k, v in collectives_per_step(rec, 1).items() if v["collectives"]}
+    collectives["ddp_mean_hook"] = "DDP's own all-reduce per bucket (1 MB first, then 25 MB); not pyro_sp's, not recorded"
     med = {name: statistics.median(v) for name, v in times.items()}
     base = med["local_backward"]
     numel = sum(p.numel() for p in module)
@@ -254,7 +254,7 @@ def _sync_worker(args) -> dict:
         "bytes": 4 * numel,
         "median_s": med,
         "reduction_s": {k: v - base for k, v in med.items() if k != "local_backward"},
-        "collectives_per_step": {"pyro_sp_flat_all_reduce": 1, "ddp": "one per bucket (1 MB first, then 25 MB)"},
+        "collectives_per_step": collectives,
         "note": "the DDP variants also include DDP's forward bookkeeping; the local baseline allocates gradients",
     }
     rank = mesh.rank  # read before the group is gone: afterwards every process reads 0
@@ -276,14 +276,11 @@ class _Params(torch.nn.Module):
 
 
 def sync(args) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-           "--module", "pyro_sp.bench.cpu", "sync-worker", "--sizes", args.sizes,
-           "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    return _launch(cmd, dict(os.environ, OMP_NUM_THREADS="1"))[0]
+    worker = ["sync-worker", "--sizes", args.sizes, "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    return _launch(worker, dict(os.environ, OMP_NUM_THREADS="1"), nproc=args.nproc)[0]
 
 
 def scaling(args) -> dict:
-    here = "pyro_sp.bench.cpu"
     common = [
         "step", "--particles", str(args.particles), "--sizes", args.sizes, "--batch", str(args.batch),
         "--warmup", str(args.warmup), "--steps", str(args.steps),
@@ -295,19 +292,13 @@ def scaling(args) -> dict:
     runs = {"one_process_1_thread": [], f"one_process_{args.threads}_threads": [], ranks: [], alone: []}
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
-        runs["one_process_1_thread"] += _launch([sys.executable, "-m", here] + common + ["--threads", "1"], env)
+        runs["one_process_1_thread"] += _launch(common + ["--threads", "1"], env)
         runs[f"one_process_{args.threads}_threads"] += _launch(
-            [sys.executable, "-m", here] + common + ["--threads", str(args.threads)],
-            dict(env, OMP_NUM_THREADS=str(args.threads)),
+            common + ["--threads", str(args.threads)], dict(env, OMP_NUM_THREADS=str(args.threads))
         )
-        runs[ranks] += _launch(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}", "--module", here]
-            + common + ["--threads", "1"],
-            env,
-        )
+        runs[ranks] += _launch(common + ["--threads", "1"], env, nproc=args.nproc)
         # a synchronous job runs at the pace of its slowest share
-        slowest = max(_launch([sys.executable, "-m", here] + share + ["--threads", "1"], env, copies=args.nproc),
-                      key=lambda r: r["step_s_median"])
+        slowest = max(_launch(share + ["--threads", "1"], env, copies=args.nproc), key=lambda r: r["step_s_median"])
         runs[alone].append(slowest)
     med = {k: statistics.median(r["step_s_median"] for r in v) for k, v in runs.items()}
     t1, tt, tp, tc = med.values()
@@ -325,6 +316,7 @@ def scaling(args) -> dict:
         "sync_share_of_step": statistics.median(r["sync_share_of_step"] for r in dist_runs),
         "gradient_all_reduce_per_step": dist_runs[-1]["per_step"]["all_reduce_gradients"],
         "step_check_per_step": dist_runs[-1]["per_step"]["step_check"],
+        "collectives_per_step": dist_runs[-1]["per_step"],
         "runs": runs,
     }
 

@@ -15,12 +15,21 @@ Variants, all the same estimator (``Trace_ELBO``: one-sample KL, vectorized part
 ``fused_eager``     :class:`pyro_sp.nn.MeanFieldVI` (``kl="sample"``) without compilation;
 ``fused``           the same, ``torch.compile``\\ d;
 ``fused_analytic``  compiled, closed-form KL (``kl="analytic"``: a lower-variance estimator);
-``fused_split``     ``fused`` with ``split_compiled_graph=True`` (graph split at the gradient buckets).
+``fused_split``     ``fused`` with ``split_compiled_graph=True`` (graph split at the gradient buckets);
+``pyro_primitives``, ``pyro_sp_primitives``
+                    ``pyro`` and ``pyro_sp`` on the MLP written with one ``pyro.sample`` per
+                    weight and bias (:func:`pyro_sp.bench.cpu.bnn_model`, N(0, 1) priors,
+                    weights scaled by ``1/sqrt(fan_in)`` in the forward) instead of a
+                    ``BayesianModule``; ``mlp`` only, not run unless named in ``--variants``.
+
+Times come from :mod:`pyro_sp.bench.timing` (CUDA synchronised around each
+step, peak memory over the timed steps). ``scaling`` adds, per row, every
+collective of pyro_sp per step by kind, recorded over 3 more steps.
 
 Examples::
 
     pyro-sp bench gpu-single --model mlp --particles 8 32 64 --out single.json
-    torchrun --nproc-per-node 2 -m pyro_sp.bench.gpu scaling --model vit --per-gpu 8 --particles 64
+    pyro-sp bench gpu-scaling --nproc 2 --model vit --per-gpu 8 --particles 64
     pyro-sp bench gpu-memory --model mlp --variants fused pyro_sp
 """
 
@@ -30,8 +39,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
-import time
 
 import pyro
 import torch
@@ -39,10 +46,17 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_sp
+from pyro_sp.bench.cpu import bnn_model
 from pyro_sp.bench.models import MLP_BATCH, MLP_SIZES, VIT_BATCH, ViTSmall, mlp, synthetic_data
+from pyro_sp.bench.timing import collectives_per_step, timed
+from pyro_sp.distributed.record import record_collectives
 from pyro_sp.nn import BayesianModule, MeanFieldVI, categorical_likelihood
 
-VARIANTS = ("pyro", "pyro_sp", "fused_eager", "fused", "fused_analytic", "fused_split")
+#: The variants ``single`` runs by default (all but the Pyro-primitive MLP).
+DEFAULT_VARIANTS = ("pyro", "pyro_sp", "fused_eager", "fused", "fused_analytic", "fused_split")
+VARIANTS = DEFAULT_VARIANTS + ("pyro_primitives", "pyro_sp_primitives")
+#: Steps recorded after the timed ones (``scaling``) for the collectives per step.
+RECORDED_STEPS = 3
 
 
 def problem(model: str, tiny: bool, device, batch: int | None = None):
@@ -60,17 +74,30 @@ def problem(model: str, tiny: bool, device, batch: int | None = None):
     return net.to(device), x, y
 
 
+def _mlp_sizes(net) -> tuple[int, ...]:
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)] if isinstance(net, torch.nn.Sequential) else []
+    if not linears:
+        raise ValueError(
+            f"Expected the MLP (--model mlp) for the variants pyro_primitives and pyro_sp_primitives, "
+            f"got a {type(net).__name__}. Use --model mlp or other variants."
+        )
+    return (linears[0].in_features,) + tuple(m.out_features for m in linears)
+
+
 def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
     """A function that runs one optimisation step of ``variant``."""
     bnn = BayesianModule(net, prior_scale="fan_in")
-    if variant in ("pyro", "pyro_sp"):
+    if variant in ("pyro", "pyro_sp", "pyro_primitives", "pyro_sp_primitives"):
         pyro.clear_param_store()
-
-        def model(x, y):
-            return categorical_likelihood(bnn(x), y)
+        if variant.endswith("_primitives"):
+            pyro.set_rng_seed(0)
+            model = bnn_model(_mlp_sizes(net))
+        else:
+            def model(x, y):
+                return categorical_likelihood(bnn(x), y)
 
         guide = AutoNormal(model, init_scale=0.01)
-        if variant == "pyro":
+        if variant in ("pyro", "pyro_primitives"):
             loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
         else:
             loss = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=num_particles, mesh=mesh)
@@ -87,42 +114,18 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
     return lambda: vi.step(optim, x, y)
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def step_times(step, device, steps: int) -> tuple[list[float], float | None]:
-    """Seconds of each of ``steps`` calls of ``step`` (CUDA synchronised around each) and the
-    peak memory over them in GiB (CUDA; ``None`` elsewhere)."""
-    _sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return times, peak
-
-
-def timed(step, device, warmup: int, steps: int) -> dict:
-    """Median step time (ms) after ``warmup`` steps, peak memory (GiB, CUDA only) over the timed steps."""
-    for _ in range(warmup):
-        step()
-    times, peak = step_times(step, device, steps)
-    out = {"step_ms_median": 1e3 * statistics.median(times)}
-    if peak is not None:
-        out["peak_gib"] = peak
-    return out
-
-
-def _attempt(variant, net, x, y, n, device, warmup, steps, mesh=None) -> dict | str:
+def _attempt(variant, net, x, y, n, device, warmup, steps, mesh=None, record: bool = False) -> dict | str:
+    """``{"step_ms_median", "peak_gib" (CUDA)}`` of ``variant`` (:func:`~pyro_sp.bench.timing.timed`),
+    with ``"collectives_per_step"`` if ``record``; ``"out of memory"`` if it does not fit."""
     try:
-        return timed(make_step(variant, net, x, y, n, mesh), device, warmup, steps)
+        step = make_step(variant, net, x, y, n, mesh)
+        result = timed(step, warmup=warmup, steps=steps, device=device)
+        if record:
+            with record_collectives() as rec:
+                for _ in range(RECORDED_STEPS):
+                    step()
+            result["collectives_per_step"] = collectives_per_step(rec, RECORDED_STEPS)
+        return result
     except torch.OutOfMemoryError:
         if mesh is not None and mesh.world_size > 1:
             raise  # the other ranks are inside the step's collectives: stop the whole job
@@ -197,7 +200,7 @@ def scaling(args) -> dict:
     rows = []
     for kind, total in configs:
         for variant in args.variants:
-            result = _attempt(variant, net, x, y, total, device, args.warmup, args.steps, mesh)
+            result = _attempt(variant, net, x, y, total, device, args.warmup, args.steps, mesh, record=True)
             row = {
                 "variant": variant,
                 "grid": f"{mesh.sample}x{mesh.data}",
@@ -243,7 +246,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
 def run(argv=None, prog: str | None = None) -> dict:
     args = parser(prog).parse_args(argv)
     if args.variants is None:
-        args.variants = ["fused", "pyro_sp"] if args.suite != "single" else list(VARIANTS)
+        args.variants = ["fused", "pyro_sp"] if args.suite != "single" else list(DEFAULT_VARIANTS)
     if args.particles is None:
         args.particles = [8, 32, 64] if args.suite != "scaling" else []
     if args.tiny:

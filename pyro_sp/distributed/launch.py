@@ -5,6 +5,8 @@
   the store of this launch attempt, and the :class:`~pyro_sp.SPMesh` over it;
 - :func:`launch_module`: ``torchrun --standalone`` of a module from inside a
   process (``pyro-sp demo``, ``pyro-sp bench``, the benchmarks' launches);
+- :func:`start_module`: a module in a subprocess, alone or under
+  :func:`launch_module` there (launches that run side by side: ``pyro-sp bench``);
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.distributed as dist
 from pyro_sp.distributed.failure import check_not_aborted, start_watchdog
 from pyro_sp.distributed.mesh import SPMesh
 
-__all__ = ["DEFAULT_TIMEOUT", "init_mesh", "launch_module"]
+__all__ = ["DEFAULT_TIMEOUT", "init_mesh", "launch_module", "start_module"]
 
 #: Default timeout of every collective: a rank that stops answering turns into
 #: an error on the others after this long instead of a hang.
@@ -119,3 +121,27 @@ def launch_module(module: str, args: list[str], nproc: int, prog: str = "pyro-sp
         print(f"{prog}: a rank failed ({failures}); see its error above.", file=sys.stderr)
         return 1
     return 0
+
+
+def start_module(module: str, args: list[str], *, nproc: int | None = None, prog: str = "pyro-sp", **popen):
+    """
+    Start ``python -m module *args`` in a subprocess and return its :class:`subprocess.Popen`
+    without waiting: one plain process when ``nproc`` is ``None``, else ``nproc`` ranks
+    launched by :func:`launch_module` inside that subprocess (so every torchrun launch of
+    pyro_sp goes through :func:`launch_module`). Several can run at the same time.
+
+    :param str module: the module to run.
+    :param list args: its arguments.
+    :param int nproc: ranks to launch under torchrun, or ``None`` for one plain process.
+    :param str prog: the name :func:`launch_module` gives in its error message.
+    :param popen: keyword arguments of :class:`subprocess.Popen` (``env``, ``stdout``, ...).
+    """
+    import subprocess
+
+    if nproc is None:
+        cmd = [sys.executable, "-m", module, *args]
+    else:
+        launch = ("import sys; from pyro_sp.distributed.launch import launch_module; "
+                  "sys.exit(launch_module(sys.argv[1], sys.argv[4:], int(sys.argv[2]), prog=sys.argv[3]))")
+        cmd = [sys.executable, "-c", launch, module, str(nproc), prog, *args]
+    return subprocess.Popen(cmd, **popen)

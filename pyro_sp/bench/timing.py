@@ -1,0 +1,124 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The one timing loop of the benchmarks: every suite of :mod:`pyro_sp.bench`
+and every script in the source tree's ``benchmarks/`` that times steps calls
+:func:`step_times` (or :func:`timed`, its summary).
+
+A step is any callable. The loop runs ``warmup`` untimed calls, then ``steps``
+timed ones; each timed call is synchronised before and after (CUDA: the
+device; JAX: ``wait=jax.block_until_ready`` on the step's result), so a time
+is the step's own work, not the launch of its kernels. On CUDA the peak
+memory allocated over the timed calls is reported too.
+
+:func:`collectives_per_step` is the accounting that goes with a time: every
+collective of pyro_sp that :func:`~pyro_sp.distributed.record.record_collectives`
+saw over some steps, by kind (:data:`COLLECTIVE_KINDS`).
+
+This module imports nothing of pyro_sp at import time, so a script that
+measures an *older* pyro_sp (``benchmarks/failure_cost.py``) can load it by
+its path.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["COLLECTIVE_KINDS", "collectives_per_step", "step_times", "synchronize", "timed"]
+
+#: Every kind of collective that :func:`pyro_sp.distributed.record.recorded` names: the
+#: step check, both gradient strategies, parameter broadcasts, row gathers, small sums
+#: and the shared seed. :func:`collectives_per_step` lists each, zero where none ran.
+COLLECTIVE_KINDS = (
+    "step_check",
+    "all_reduce_gradients",
+    "bucketed_gradients",
+    "broadcast",
+    "all_gather_rows",
+    "gather_rows",
+    "data_mean",
+    "loss_sum",
+    "shared_seed",
+)
+
+
+def synchronize(device: torch.device | None) -> None:
+    """Wait for ``device``'s queued work (CUDA); nothing elsewhere."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_times(
+    step: Callable[[], object],
+    *,
+    steps: int,
+    warmup: int = 0,
+    device: torch.device | None = None,
+    wait: Callable[[object], object] | None = None,
+    before: Callable[[], object] | None = None,
+) -> tuple[list[float], float | None]:
+    """
+    Run ``step`` ``warmup`` times untimed, then ``steps`` times timed.
+
+    :param step: one step (its return value is passed to ``wait``).
+    :param int steps: timed calls.
+    :param int warmup: untimed calls first (compilation, allocator, caches).
+    :param torch.device device: synchronised around each timed call (CUDA), and
+        the device whose peak memory is reported.
+    :param wait: called with each step's result until its work is done (e.g.
+        ``jax.block_until_ready``).
+    :param before: called before each timed call, outside the timed interval
+        (e.g. ``torch.distributed.barrier``, so the ranks start a step together).
+    :returns: the seconds of each timed call, and the peak memory over them in
+        GiB (CUDA ``device``; else ``None``).
+    """
+    cuda = device is not None and device.type == "cuda"
+    for _ in range(warmup):
+        result = step()
+        if wait is not None:
+            wait(result)
+    synchronize(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        if before is not None:
+            before()
+        synchronize(device)
+        t0 = time.perf_counter()
+        result = step()
+        if wait is not None:
+            wait(result)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    return times, peak
+
+
+def timed(step: Callable[[], object], *, steps: int, warmup: int = 0, device: torch.device | None = None,
+          **kwargs) -> dict:
+    """:func:`step_times` summarised: ``{"step_ms_median": ..., "peak_gib": ...}`` (the
+    median in milliseconds; ``peak_gib`` only on CUDA). ``kwargs`` go to :func:`step_times`."""
+    times, peak = step_times(step, steps=steps, warmup=warmup, device=device, **kwargs)
+    out = {"step_ms_median": 1e3 * statistics.median(times)}
+    if peak is not None:
+        out["peak_gib"] = peak
+    return out
+
+
+def collectives_per_step(record, steps: int) -> dict[str, dict[str, float]]:
+    """
+    What a :class:`~pyro_sp.distributed.record.CollectiveRecord` saw over ``steps`` steps, per
+    step: the ``collectives``, ``bytes`` and ``seconds`` of every kind of
+    :data:`COLLECTIVE_KINDS` (zero where none ran) and of any other kind recorded. Recording
+    synchronises CUDA around each collective and loses the overlap, so time the recorded steps
+    apart from the others.
+    """
+    kinds = list(COLLECTIVE_KINDS) + sorted({e[0] for e in record.events} - set(COLLECTIVE_KINDS))
+    out = {}
+    for kind in kinds:
+        n, nbytes, seconds = record.total(kind)
+        out[kind] = {"collectives": n / steps, "bytes": nbytes / steps, "seconds": seconds / steps}
+    return out
