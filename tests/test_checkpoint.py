@@ -138,9 +138,13 @@ def test_a_file_bad_on_one_rank_stops_every_rank(pools, tmp_path):
     data = _bytes(good)
     _put(bad, data[:-10])
     errors = pools(2).run_expecting_errors(_load_per_rank, [good, bad])
-    assert errors[1][0] == "CheckpointError" and "cut short" in errors[1][1]
+    assert errors[1][0] == "CheckpointError" and "cut short" in errors[1][1] and repr(bad) in errors[1][1]
     assert errors[0][0] == "RankError"
-    assert "rank 1: CheckpointError" in errors[0][1] and "No rank resumed" in errors[0][1]
+    # rank 0 read its good file, and stops naming rank 1's error in full
+    assert errors[0][1].startswith(
+        f"load_checkpoint({good!r}) failed on 1 of 2 ranks (rank 1: CheckpointError: {errors[1][1]})"
+    ), errors[0][1]
+    assert errors[0][1].endswith("No rank resumed."), errors[0][1]
 
 
 def _save_into(path: str) -> None:
@@ -152,8 +156,13 @@ def test_a_failed_write_stops_every_rank(pools, tmp_path):
     folder.mkdir()  # rank 0 cannot replace a directory by a file
     errors = pools(2).run_expecting_errors(_save_into, str(folder))
     assert errors[0][0] in ("IsADirectoryError", "OSError")
-    assert errors[1][0] == "RankError" and "No checkpoint was written" in errors[1][1]
-    assert "save_checkpoint" in errors[1][1]
+    assert repr(str(folder)) in errors[0][1], errors[0][1]  # the OS names the directory
+    assert errors[1][0] == "RankError"
+    assert errors[1][1].startswith(
+        f"save_checkpoint({str(folder)!r}) failed on 1 of 2 ranks (rank 0: {errors[0][0]}: {errors[0][1]})"
+    ), errors[1][1]
+    assert errors[1][1].endswith("No checkpoint was written at this step."), errors[1][1]
+    assert folder.is_dir() and not list(folder.iterdir()), "the directory was written into"
 
 
 KILLED_WRITER = textwrap.dedent(

@@ -50,16 +50,28 @@ def train_digits():
     probs = pyro_sp.DistributedPredictive(
         model, guide=guide, num_samples=64, parallel=True, return_sites=("probs",), mesh=mesh
     )(x_test)["probs"]
-    return pyro_sp.uq.classification_report(probs, y_test)
+    return pyro_sp.uq.classification_report(probs, y_test), probs.mean(0)
+
+
+def _check_report(results, label: str) -> None:
+    """The ranks agree; the report's scores are scikit-learn's on the predictive mean, and good."""
+    from sklearn.metrics import accuracy_score, log_loss
+
+    (report, mean), (report1, mean1) = results
+    assert report == report1 and torch.equal(mean, mean1), "ranks disagree on the predictive result"
+    print(f"digits, 2 ranks, {label}: {report}")
+    y_test = digits()[3].numpy()
+    mean = mean.double().numpy()
+    mean = mean / mean.sum(-1, keepdims=True)  # float32 rounding: sklearn wants rows summing to one
+    assert report["accuracy"] == accuracy_score(y_test, mean.argmax(-1))
+    assert abs(report["nll"] - log_loss(y_test, mean, labels=range(10))) < 1e-6
+    # 0.94-0.96 accuracy, NLL 0.15-0.19 and ECE about 0.05 measured (uniform guessing: NLL 2.30)
+    assert report["accuracy"] >= 0.90, report
+    assert report["nll"] < 0.35 and report["ece"] < 0.15, report
 
 
 def test_bayesian_mlp_on_digits(pools):
-    reports = pools(2).run(train_digits)
-    assert reports[0] == reports[1], "ranks disagree on the predictive result"
-    report = reports[0]
-    print(f"digits, 2 ranks: {report}")
-    assert report["accuracy"] >= 0.90, report
-    assert 0.0 <= report["ece"] < 0.15, report
+    _check_report(pools(2).run(train_digits), "DistributedTraceMeanField_ELBO")
 
 
 def train_digits_fused(kl: str):
@@ -78,13 +90,9 @@ def train_digits_fused(kl: str):
             idx = perm[i : i + BATCH]
             vi.step(optim, x[idx], y[idx])
     probs = vi.predict(x_test, 64).softmax(-1)
-    return pyro_sp.uq.classification_report(probs, y_test)
+    return pyro_sp.uq.classification_report(probs, y_test), probs.mean(0)
 
 
 def test_fused_step_on_digits(pools):
     for kl in ("sample", "analytic"):
-        reports = pools(2).run(train_digits_fused, kl)
-        assert reports[0] == reports[1], "ranks disagree on the predictive result"
-        print(f"digits, 2 ranks, MeanFieldVI kl={kl}: {reports[0]}")
-        assert reports[0]["accuracy"] >= 0.90, reports[0]
-        assert 0.0 <= reports[0]["ece"] < 0.15, reports[0]
+        _check_report(pools(2).run(train_digits_fused, kl), f"MeanFieldVI kl={kl}")

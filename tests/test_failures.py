@@ -192,6 +192,15 @@ def test_finished_jobs_exit_zero(tmp_path):
     assert {k: v["launches"] for k, v in result.items()} == {"sample": 1, "data": 1}
 
 
+def _evaluate(vi, which: str, x, y, num_samples: int):
+    """The error of ``vi.loss`` or ``vi.predict`` as (type, message), or ``None``."""
+    try:
+        vi.loss(x, y) if which == "loss" else vi.predict(x, num_samples)
+    except Exception as e:  # noqa: BLE001 - what the rank saw
+        return type(e).__name__, str(e)
+    return None
+
+
 def evaluation_fails_on_rank_1(which: str):
     from pyro_sp.nn import BayesianModule, MeanFieldVI
 
@@ -200,11 +209,7 @@ def evaluation_fails_on_rank_1(which: str):
     vi = MeanFieldVI(BayesianModule(torch.nn.Linear(4, 3)), num_particles=4, mesh=mesh, seed=0)
     x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
     bad = x[:, :3] if mesh.rank == 1 else x  # a bad evaluation batch on one rank
-    try:
-        vi.loss(bad, y) if which == "loss" else vi.predict(bad, 4)
-        outcome = None
-    except Exception as e:  # noqa: BLE001 - what every rank saw
-        outcome = type(e).__name__
+    outcome = _evaluate(vi, which, bad, y, 4)
     # no abort: evaluation and training go on
     opt = torch.optim.SGD(vi.parameters(), lr=0.1)
     return outcome, float(vi.step(opt, x, y)), vi.loss(x, y), tuple(vi.predict(x, 4).shape)
@@ -212,6 +217,14 @@ def evaluation_fails_on_rank_1(which: str):
 
 @pytest.mark.parametrize("which", ["loss", "predict"])
 def test_a_failing_evaluation_is_an_error_on_every_rank_and_the_job_goes_on(pools, which):
+    from pyro_sp.nn import BayesianModule, MeanFieldVI
+
+    # the error of the bad batch in one process, with a rank's share (2 of 4 particles)
+    vi = MeanFieldVI(BayesianModule(torch.nn.Linear(4, 3)), num_particles=2, seed=0)
+    expected = _evaluate(vi, which, torch.zeros(6, 3), torch.zeros(6, dtype=torch.long), 2)
+    assert expected is not None and expected[0] == "RuntimeError"
     (own, step1, loss1, shape1), (other, step0, loss0, shape0) = pools(2).run(evaluation_fails_on_rank_1, which)[::-1]
-    assert own == "RuntimeError" and other == "RankError"
+    assert own == expected  # the failing rank: its own error
+    assert other[0] == "RankError"  # the other: names it, and what failed
+    assert other[1].startswith(f"MeanFieldVI.{which} failed on 1 of 2 ranks (rank 1: RuntimeError: {expected[1]})"), other
     assert step0 == step1 and loss0 == loss1 and shape0 == shape1 == (4, 6, 3)

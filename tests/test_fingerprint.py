@@ -23,6 +23,9 @@ def test_equal_arguments_agree_whatever_the_threads():
     finally:
         torch.set_num_threads(before)
     assert one == two
+    # a 0-d int64 tensor below 2**16 (sums of squares over a sample group stay exact in float64)
+    value = data_fingerprint((x,), {"y": x.sum(-1), "n": 3})
+    assert value.dtype == torch.int64 and value.dim() == 0 and int(value) == one
     assert 0 <= one < 1 << 16
 
 
@@ -49,7 +52,30 @@ def test_values_order_shapes_dtypes_and_names_count():
 def test_large_tensors_and_odd_leaves():
     big = torch.zeros(MAX_ELEMENTS * 3)
     assert fp(big) == fp(big.clone())
-    assert fp(torch.ones(2, dtype=torch.bool), torch.arange(3), 2.5, "s", object()) == fp(
-        torch.ones(2, dtype=torch.bool), torch.arange(3), 2.5, "s", object()
-    )
-    assert set(describe_data((torch.ones(2),), {"y": 3})) == {"args[0]", "kwargs['y']"}
+    # more than MAX_ELEMENTS elements are read at a stride (here every third): a change at a read
+    # element counts, one between them is not seen (the documented price of a cheap check)
+    read, skipped = big.clone(), big.clone()
+    read[3 * 1000] = 1.0
+    skipped[3 * 1000 + 1] = 1.0
+    assert fp(read) != fp(big)
+    assert fp(skipped) == fp(big)
+    odd = (torch.ones(2, dtype=torch.bool), torch.arange(3), 2.5, "s", object())
+    assert fp(*odd) == fp(torch.ones(2, dtype=torch.bool), torch.arange(3), 2.5, "s", object())
+    # scalars and strings by value, other objects by type only
+    assert fp(*odd[:3], "t", object()) != fp(*odd)
+    assert fp(*odd[:2], 2.25, "s", object()) != fp(*odd)
+    assert fp(*odd[:4], []) != fp(*odd)
+    assert fp(*odd[:4], 1j) != fp(*odd)
+
+
+def test_describe_data_names_every_leaf():
+    x = torch.ones(2)
+    desc = describe_data((x, [x.double(), None]), {"y": 3, "s": "a", "o": object()})
+    assert list(desc) == ["args[0]", "args[1][0]", "args[1][1]", "kwargs['o']", "kwargs['s']", "kwargs['y']"]
+    (shape, dtype, value), (shape64, dtype64, value64) = desc["args[0]"], desc["args[1][0]"]
+    assert (shape, dtype, shape64, dtype64) == ((2,), "torch.float32", (2,), "torch.float64")
+    assert value != value64, "float32 and float64 ones have other bits"
+    assert 0 <= value < 1 << 32 and describe_data((x.clone(),), {})["args[0]"] == desc["args[0]"]
+    assert describe_data((x + 1,), {})["args[0]"][2] != value
+    assert desc["args[1][1]"] == ("value", "None")
+    assert (desc["kwargs['o']"], desc["kwargs['s']"], desc["kwargs['y']"]) == (("object", "object"), ("value", "'a'"), ("value", "3"))

@@ -6,6 +6,7 @@ default arguments, data agreement across a sample group, and edge cases."""
 from __future__ import annotations
 
 import inspect
+import re
 
 import pyro
 import pyro.distributions as dist
@@ -181,9 +182,18 @@ def disagreeing_rng():
 
 def test_ranks_with_different_rng_states_are_refused(pools):
     errors = pools(2).run_expecting_errors(disagreeing_rng)
+    keys = set()
     for kind, msg, _ in errors.values():
         assert kind == "ValueError"
-        assert "random key of the call" in msg and "pyro.set_rng_seed" in msg
+        lines = msg.splitlines()
+        assert lines[0].startswith("Expected the ranks of each sample group to call DistributedTrace_ELBO.loss with the same data and the same random state"), msg
+        # only the random key differs (the data agree), and each rank's key is printed
+        (line,) = lines[1:-1]
+        match = re.fullmatch(r"  data group 0: random key of the call \(drawn from the global torch RNG\): rank 0 has (\d+), rank 1 has (\d+)", line)
+        assert match and match[1] != match[2], line
+        keys.add(match.groups())
+        assert "seed the global RNG identically on those ranks (pyro.set_rng_seed(s) with the same s" in lines[-1]
+    assert len(keys) == 1, "the ranks printed different keys"
 
 
 def data_groups_may_differ_in_rng():
@@ -246,6 +256,24 @@ def raising(case: str):
     return "no error"
 
 
+def _pyro_raises(case: str) -> tuple[str, str]:
+    """Type and first message line of what Pyro's own estimator raises in ``raising(case)``."""
+    x, y = make_data(0)
+    pyro.clear_param_store()
+    try:
+        if case == "NotImplementedError":
+            TraceTailAdaptive_ELBO(num_particles=4, vectorize_particles=True).loss_and_grads(
+                _bernoulli_model, _not_reparameterized_guide, x
+            )
+        elif case == "ValueError":
+            Trace_ELBO(num_particles=4).loss(_bad_scale_model, param_guide, x, y)
+        else:
+            Trace_ELBO(num_particles=4, vectorize_particles=True).loss(_shape_error_model, param_guide, x, y)
+    except Exception as e:  # noqa: BLE001 - the reference error
+        return type(e).__name__, str(e).splitlines()[0]
+    raise AssertionError(f"Pyro raised nothing in case {case}")
+
+
 @pytest.mark.parametrize(
     "case,expected",
     [
@@ -255,18 +283,23 @@ def raising(case: str):
     ],
 )
 def test_every_rank_raises_the_original_type(pools, case, expected):
+    torch.set_default_dtype(torch.float64)  # as on the ranks
+    reference = _pyro_raises(case)
+    assert reference[0] == expected
     errors = pools(2).run_expecting_errors(raising, case)
     for rank, (kind, msg, tb) in errors.items():
-        assert kind == expected, (rank, kind, msg)
-        assert "[pyro_sp] raised on rank" in tb  # the note; the original traceback comes first
+        # Pyro's (or torch's) own error: its type and message
+        assert (kind, msg.splitlines()[0]) == reference, (rank, kind, msg)
+        assert f"[pyro_sp] raised on rank {rank} in DistributedTrace" in tb  # the note; the original traceback comes first
     assert pools(2).run(raising, "none") == ["no error"] * 2, "ranks not usable after the error"
 
 
 def test_one_failing_rank_keeps_its_type_and_names_itself_on_the_others(pools):
     errors = pools(2).run_expecting_errors(raising, "one_rank")
-    assert errors[1][0] == "ValueError" and "only on rank 1" in errors[1][1]
+    kind, msg, _ = errors[1]
+    assert (kind, msg.splitlines()[0]) == ("ValueError", "only on rank 1")  # then Pyro's trace shapes
     assert errors[0][0] == "RankError"
-    assert "rank 1: ValueError: only on rank 1" in errors[0][1]
+    assert errors[0][1].startswith(f"DistributedTrace_ELBO.loss failed on 1 of 2 ranks (rank 1: ValueError: {msg})."), errors[0][1]
 
 
 def caught_by_type():
@@ -360,11 +393,28 @@ def mismatched_data(case: str):
     elbo.loss(model, param_guide, x, y)
 
 
-@pytest.mark.parametrize("case,names", [("rows", "args[0]"), ("values", "args[0]"), ("one_value", "args[1]")])
-def test_sample_group_data_must_agree(pools, case, names):
+#: case -> (path, shape on rank 0, shape on rank 1) of every argument named as differing
+DIFFERING = {
+    "rows": [("args[0]", (40, 3), (30, 3)), ("args[1]", (40,), (30,))],
+    "values": [("args[0]", (24, 3), (24, 3)), ("args[1]", (24,), (24,))],
+    "one_value": [("args[1]", (24,), (24,))],  # x agrees: not named
+}
+
+
+@pytest.mark.parametrize("case", sorted(DIFFERING))
+def test_sample_group_data_must_agree(pools, case):
     for kind, msg, _ in pools(2).run_expecting_errors(mismatched_data, case).values():
         assert kind == "ValueError"
-        assert "same data" in msg and names in msg, msg
+        lines = msg.splitlines()
+        assert "call DistributedTrace_ELBO.loss with the same data" in lines[0], msg
+        assert lines[-1].startswith("Give every rank of a sample group the same arguments"), msg
+        named = [
+            re.fullmatch(r"  data group 0: (\S+): rank 0 has \((\(.*?\)), 'torch.float64', (\d+)\), rank 1 has \((\(.*?\)), 'torch.float64', (\d+)\)", line)
+            for line in lines[1:-1]
+        ]
+        assert all(named), lines[1:-1]
+        assert [(m[1], eval(m[2]), eval(m[4])) for m in named] == DIFFERING[case]
+        assert all(m[3] != m[5] for m in named), "the value hashes of differing data are equal"
     assert pools(2).run(raising, "none") == ["no error"] * 2
 
 
@@ -384,7 +434,13 @@ def augmented_per_rank():
 def test_rank_local_data_skips_the_value_check_only(pools):
     (l0, e0), (l1, e1) = pools(2).run(augmented_per_rank)
     assert l0 == l1
-    assert e0 is not None and "args[0]" in e0 and "rank-local" in e0
+    assert e0 is not None and e0 == e1
+    # the rank-local x is compared by shape (and named as rank-local); y by its values too
+    assert (
+        "  data group 0: args[0]: rank 0 has ('tensor', (20, 3), 'torch.float64', 'rank-local'), "
+        "rank 1 has ('tensor', (21, 3), 'torch.float64', 'rank-local')"
+    ) in e0.splitlines(), e0
+    assert "  data group 0: args[1]: rank 0 has ((20,), 'torch.float64', " in e0, e0
 
 
 # ---- what Pyro's own tests rely on (found by benchmarks/pyro_conformance.py) -------------

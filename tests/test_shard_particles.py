@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyro
 import pytest
 import torch
@@ -66,14 +68,21 @@ def test_particle_plate_has_local_size_and_no_rescaling():
 def test_wrong_num_particles_is_an_error():
     x, y = make_data(0)
     elbo = Trace_ELBO(num_particles=6, vectorize_particles=True)
-    with pytest.raises(ValueError, match="size 8 .*got 6"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "Expected the particle plate 'num_particles_vectorized' to have size 8 (the global "
+            "num_particles), got 6. Give the distributed ELBO the same num_particles on every rank."
+        ),
+    ):
         with shard_particles(lo=0, hi=4, num_particles=8):
             elbo.loss(model, param_guide, x, y)
 
 
 @pytest.mark.parametrize("lo,hi,n", [(3, 2, 4), (-1, 2, 4), (0, 5, 4)])
 def test_bad_share_is_an_error(lo, hi, n):
-    with pytest.raises(ValueError, match="0 <= lo <= hi <= num_particles"):
+    expected = f"Expected 0 <= lo <= hi <= num_particles, got lo={lo}, hi={hi}, num_particles={n}."
+    with pytest.raises(ValueError, match=re.escape(expected)):
         ShardParticlesMessenger(lo, hi, n)
 
 
@@ -95,8 +104,11 @@ def test_subsample_stream_is_independent_of_the_global_rng():
         pass
 
     elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
-    for global_seed in (1, 2):
+    for global_seed, stream_seed in ((1, 42), (2, 42), (1, 43)):
         torch.manual_seed(global_seed)
-        with shard_particles(lo=0, hi=2, num_particles=4, subsample_rng=RNGStream(42)):
+        with shard_particles(lo=0, hi=2, num_particles=4, subsample_rng=RNGStream(stream_seed)):
             elbo.loss(recording_model, guide, x, y)
-    assert torch.equal(seen[0], seen[1])
+    for idx in seen:  # a subsample: 5 distinct rows of the data
+        assert idx.shape == (5,) and len(set(idx.tolist())) == 5 and 0 <= idx.min() and idx.max() < NUM_DATA
+    assert torch.equal(seen[0], seen[1]), "the global RNG changed the subsample"
+    assert not torch.equal(seen[0], seen[2]), "the subsample does not come from the stream"

@@ -22,13 +22,24 @@ def _in_range(value: float, lo: float, hi: float) -> bool:
 CHECKS = {
     "svi_part_i_coin": lambda r: abs(r["mean"] - r["exact_mean"]) < 0.1 and r["loss_last_50"] < r["loss_first_50"],
     "svi_part_iii_baselines": lambda r: r["grad_std_with_baseline"] < r["grad_std_without_baseline"],
-    "bayesian_regression": lambda r: _in_range(r["coverage_90"], 0.6, 1.0)
+    # a 90 % interval covers about 90 % of the points (0.91 measured; the binomial sd is about 0.02)
+    "bayesian_regression": lambda r: _in_range(r["coverage_90"], 0.8, 0.98)
     and max(abs(w - o) for w, o in zip(r["weight_mean"], r["least_squares"])) < 0.3,
     "gmm": lambda r: abs(max(r["weights"]) - 0.625) < 0.05,
     "vae": lambda r: all(_in_range(r[f"{n}_test_nll_bound"], 10.0, 44.4) for n in ("ELBO", "IWAE")),  # 44.4 = 64 log 2
-    "flow_guide": lambda r: r["kl_gap"] > 0,  # the flow fits the skewed posterior better than AutoNormal
-    "forecasting": lambda r: r["loss_last"] < r["loss_first"] and _in_range(r["coverage_90"], 0.0, 1.0),
-    "bnn_digits": lambda r: all(v["accuracy"] > 0.5 for v in r["results"].values()),
+    # the flow fits the skewed posterior better than AutoNormal: a lower -ELBO, by the reported gap
+    "flow_guide": lambda r: r["flow_neg_elbo"] < r["autonormal_neg_elbo"]
+    and abs(r["kl_gap"] - (r["autonormal_neg_elbo"] - r["flow_neg_elbo"])) < 1e-9 * abs(r["autonormal_neg_elbo"]),
+    # the smoke run's 40 steps take the loss down by orders of magnitude (3e5 to 30 measured)
+    "forecasting": lambda r: r["loss_last"] < 1e-2 * r["loss_first"],
+    # every network and path learns the digits (0.88-0.95 measured), the two paths of one network
+    # agree, and total uncertainty = aleatoric + epistemic
+    "bnn_digits": lambda r: all(v["accuracy"] > 0.8 for v in r["results"].values())
+    and all(
+        abs(r["results"][f"{net} general"]["accuracy"] - r["results"][f"{net} MeanFieldVI"]["accuracy"]) < 0.05
+        for net in ("MLP", "CNN")
+    )
+    and all(abs(v["predictive_entropy"] - v["aleatoric"] - v["epistemic"]) < 1e-9 for v in r["results"].values()),
     # all four configurations ran on both tasks, and each learned the digits
     "augmentation_diversity": lambda r: all(len(rows) == 5 for rows in r["summary"].values())
     and all(row["final_accuracy"][0] > 0.7 for c, row in r["summary"]["digits"].items() if not c.startswith("d - c")),
