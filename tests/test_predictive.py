@@ -197,15 +197,11 @@ def test_a_sample_group_must_share_its_inputs_on_a_hybrid_mesh(pools):
         assert kind == "ValueError", (rank, msg)
         # each sample group finds its own disagreement: the inputs of 3 + data_index points
         (line,) = _disagreements(msg)
-        assert f"args[0]: rank 0 has (({3 + rank // 2},), 'torch.float64', 0), " in line, (rank, line)
+        group = rank // 2  # named by its data group and the global ranks of its members
+        assert line.startswith(f"  data group {group}: args[0]: rank {2 * group} has (({3 + group},), 'torch.float64', 0), "
+                               f"rank {2 * group + 1} has "), (rank, line)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DistributedPredictive checks each sample group on its own group, so on a hybrid mesh the "
-    "message names data group 0 and the group-local ranks 0 and 1 for a disagreement between global "
-    "ranks 2 and 3 of data group 1 (the estimators name 'data group 1: ... rank 2 has ..., rank 3 has')",
-)
 def test_a_hybrid_disagreement_names_its_data_group_and_global_ranks(pools):
     errors = pools(4).run_expecting_errors(per_group_inputs, 2, 2, False)
     for rank in (2, 3):

@@ -96,6 +96,7 @@ def step_check(
     agree_slot: int = 0,
     agree_slots: int = 1,
     describe_agree: Callable[[], object] = lambda: None,
+    agree_label: int | None = None,
 ) -> float:
     """
     The one small collective of every step: sums the ranks' partial losses and
@@ -132,6 +133,9 @@ def step_check(
     :param int agree_slots: number of slots; every slot holds the same number of ranks.
     :param describe_agree: returns a picklable description of what ``agree``
         condenses, gathered only to explain a mismatch.
+    :param int agree_label: the data group this rank's slot is, as named in the
+        message (default: ``agree_slot``; a check over one sample group's own
+        process group has one slot, which is data group ``mesh.data_index``).
     :returns: the sum of the partial losses over ``group``.
     :raises RankError: on the ranks that did not fail, if some rank failed.
     :raises ValueError: on every rank if the ranks disagree.
@@ -163,7 +167,9 @@ def step_check(
     bad = [k for k in range(slots) if per_slot * values[5 + 2 * k] != values[4 + 2 * k] ** 2]
     if bad:
         descriptions: list = [None] * world
-        dist.all_gather_object(descriptions, (agree_slot, describe_agree()), group=group)
+        label = agree_slot if agree_label is None else agree_label
+        mine = (agree_slot, label, dist.get_rank(), describe_agree())  # the global rank, whatever the group
+        dist.all_gather_object(descriptions, mine, group=group)
         raise ValueError(_explain_disagreement(descriptions, bad, what))
     return total
 
@@ -181,6 +187,7 @@ def guarded(
     agree_slot: int = 0,
     agree_slots: int = 1,
     describe_agree: Callable[[], object] = lambda: None,
+    agree_label: int | None = None,
 ) -> tuple[T | None, float]:
     """
     Run ``fn()`` on this rank, then agree with every rank of ``group`` in one
@@ -214,7 +221,7 @@ def guarded(
     total = step_check(
         local, 0 if layout is None else layout_signature(shape), error, group=group, device=device,
         describe=lambda: shape, what=what, hint=hint, agree=agree, agree_slot=agree_slot,
-        agree_slots=agree_slots, describe_agree=describe_agree,
+        agree_slots=agree_slots, describe_agree=describe_agree, agree_label=agree_label,
     )
     return result, total
 
@@ -250,20 +257,20 @@ def _explain_disagreement(descriptions: list, bad: list[int], what: str) -> str:
         f"Expected the ranks of each sample group to call {what} with the same data and the "
         "same random state (they split the particles of one estimate), but they differ:"
     ]
-    groups: dict[int, list[tuple[int, dict]]] = {}
-    for rank, (slot, desc) in enumerate(descriptions):
-        groups.setdefault(slot, []).append((rank, desc if isinstance(desc, dict) else {}))
+    groups: dict[int, list[tuple[int, int, dict]]] = {}
+    for slot, label, rank, desc in descriptions:
+        groups.setdefault(slot, []).append((label, rank, desc if isinstance(desc, dict) else {}))
     for slot in bad:
         members = groups.get(slot, [])
         if not members:
             continue
-        (r0, ref), rest = members[0], members[1:]
-        for r, desc in rest:
+        (label, r0, ref), rest = members[0], members[1:]
+        for _, r, desc in rest:
             keys = sorted(set(ref) | set(desc), key=str)
             for key in keys:
                 a, b = ref.get(key, "<missing>"), desc.get(key, "<missing>")
                 if a != b:
-                    lines.append(f"  data group {slot}: {key}: rank {r0} has {a}, rank {r} has {b}")
+                    lines.append(f"  data group {label}: {key}: rank {r0} has {a}, rank {r} has {b}")
     lines.append(
         "Give every rank of a sample group the same arguments (e.g. build data from a seeded "
         "generator, or read minibatches with pyro_sp.data, which shards by data group), and seed "

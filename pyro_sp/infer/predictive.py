@@ -133,6 +133,7 @@ class DistributedPredictive(torch.nn.Module):
         samples, _ = guarded(
             local, group=group, what="DistributedPredictive", device=device, layout=layout,
             agree=fingerprint, agree_slot=0, agree_slots=1,  # every rank of ``group`` predicts for the same inputs
+            agree_label=mesh.data_index if self.axis == "sample" else 0,
             describe_agree=lambda: {"random key of the call": key, **describe_data(args, kwargs)},
         )
         keys = sorted(samples)
