@@ -320,7 +320,7 @@ def test_demo_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test accuracy" in proc.stdout and "ECE" in proc.stdout
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert report["steps"] == 12  # 1 epoch of the 1437 training digits in batches of 128
+    assert report["steps"] == 12  # 1 epoch of the 1497 training digits in batches of 128
     assert f"test accuracy {report['accuracy']:.3f}  NLL {report['nll']:.3f}  ECE {report['ece']:.3f}" in proc.stdout
     metrics = [json.loads(line) for line in (tmp_path / "demo" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 13)) and metrics[-1]["loss"] == report["final_loss"]
