@@ -292,6 +292,9 @@ def load_checkpoint(
     autoguide or estimator draws from the global RNG when it sets itself up,
     which the uninterrupted run did before the checkpoint.
 
+    :param objects: the objects given to :func:`save_checkpoint` as ``objects=``
+        (by the same names); each gets its ``load_state_dict``.
+    :param optim, elbo, rank_objects: as in :func:`save_checkpoint`.
     :returns: ``{"step", "epoch", "extra"}`` of the checkpoint.
     :raises CheckpointError: on a rank that cannot use the file: missing,
         empty, truncated, corrupted (checksum), unreadable, of another format
