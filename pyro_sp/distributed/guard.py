@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -32,13 +33,37 @@ import torch.distributed as dist
 
 from pyro_sp.distributed.record import recorded
 
-__all__ = ["RankError", "guarded", "layout_signature", "raise_failure", "step_check"]
+__all__ = ["Agreement", "RankError", "guarded", "layout_signature", "raise_failure", "step_check"]
 
 #: Signatures are kept below 2**20 so that their sums and sums of squares over
 #: any realistic world size are exact in float64.
 _SIGNATURE_BITS = 20
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """
+    What the ranks of each *slot* (a sample group) must agree on in a check:
+    a fingerprint of the call's data and random key.
+
+    :param fingerprint: 0-d integer tensor in ``[0, 2**16)`` that must be equal on
+        the ranks of a slot (see :func:`pyro_sp.distributed.fingerprint.data_fingerprint`).
+    :param int slot: this rank's slot (its data-axis coordinate).
+    :param int slots: number of slots; every slot holds the same number of ranks.
+    :param describe: returns a picklable description of what ``fingerprint``
+        condenses, gathered only to explain a mismatch.
+    :param int label: the data group this rank's slot is, as named in the
+        message (default: ``slot``; a check over one sample group's own process
+        group has one slot, which is data group ``mesh.data_index``).
+    """
+
+    fingerprint: torch.Tensor
+    slot: int = 0
+    slots: int = 1
+    describe: Callable[[], object] = lambda: None
+    label: int | None = None
 
 
 class RankError(RuntimeError):
@@ -92,11 +117,7 @@ def step_check(
     describe: Callable[[], object] = lambda: None,
     what: str = "The distributed ELBO",
     hint: str = "",
-    agree: torch.Tensor | None = None,
-    agree_slot: int = 0,
-    agree_slots: int = 1,
-    describe_agree: Callable[[], object] = lambda: None,
-    agree_label: int | None = None,
+    agree: Agreement | None = None,
 ) -> float:
     """
     The one small collective of every step: sums the ranks' partial losses and
@@ -127,15 +148,7 @@ def step_check(
         gathered only to explain a mismatch.
     :param str what: the computation, named in the error message.
     :param str hint: a sentence added to :class:`~pyro_sp.RankError`.
-    :param agree: 0-d integer tensor in ``[0, 2**16)`` that must be equal on the
-        ranks of a slot (see :func:`pyro_sp.distributed.fingerprint.data_fingerprint`), or ``None``.
-    :param int agree_slot: this rank's slot (its data-axis coordinate).
-    :param int agree_slots: number of slots; every slot holds the same number of ranks.
-    :param describe_agree: returns a picklable description of what ``agree``
-        condenses, gathered only to explain a mismatch.
-    :param int agree_label: the data group this rank's slot is, as named in the
-        message (default: ``agree_slot``; a check over one sample group's own
-        process group has one slot, which is data group ``mesh.data_index``).
+    :param Agreement agree: what the ranks of each slot must agree on, or ``None``.
     :returns: the sum of the partial losses over ``group``.
     :raises RankError: on the ranks that did not fail, if some rank failed.
     :raises ValueError: on every rank if the ranks disagree.
@@ -146,13 +159,13 @@ def step_check(
         return local_loss
     s = float(signature)
     loss = 0.0 if error is not None else float(local_loss)
-    slots = agree_slots if agree is not None else 0
+    slots = agree.slots if agree is not None else 0
     t = torch.zeros(4 + 2 * slots, dtype=torch.float64, device=device)
     t[:4] = torch.tensor([loss, s, s * s, float(error is not None)], dtype=torch.float64)
     if slots:
-        a = agree.to(device=device, dtype=torch.float64)
-        t[4 + 2 * agree_slot] = a
-        t[5 + 2 * agree_slot] = a * a
+        a = agree.fingerprint.to(device=device, dtype=torch.float64)
+        t[4 + 2 * agree.slot] = a
+        t[5 + 2 * agree.slot] = a * a
     recorded("step_check", dist.all_reduce, t, group=group)
     values = t.tolist()
     total, s_sum, s2_sum, failures = values[:4]
@@ -167,8 +180,8 @@ def step_check(
     bad = [k for k in range(slots) if per_slot * values[5 + 2 * k] != values[4 + 2 * k] ** 2]
     if bad:
         descriptions: list = [None] * world
-        label = agree_slot if agree_label is None else agree_label
-        mine = (agree_slot, label, dist.get_rank(), describe_agree())  # the global rank, whatever the group
+        label = agree.slot if agree.label is None else agree.label
+        mine = (agree.slot, label, dist.get_rank(), agree.describe())  # the global rank, whatever the group
         dist.all_gather_object(descriptions, mine, group=group)
         raise ValueError(_explain_disagreement(descriptions, bad, what))
     return total
@@ -183,11 +196,7 @@ def guarded(
     value: Callable[[T], float] | None = None,
     layout: Callable[[T | None], object] | None = None,
     hint: str = "",
-    agree: torch.Tensor | None = None,
-    agree_slot: int = 0,
-    agree_slots: int = 1,
-    describe_agree: Callable[[], object] = lambda: None,
-    agree_label: int | None = None,
+    agree: Agreement | None = None,
 ) -> tuple[T | None, float]:
     """
     Run ``fn()`` on this rank, then agree with every rank of ``group`` in one
@@ -202,7 +211,7 @@ def guarded(
     :param layout: what must be equal on every rank, from ``fn``'s result
         (``None`` when ``fn`` failed); compared through its
         :func:`layout_signature` and printed key by key when it differs.
-    :param agree: see :func:`step_check` (a fingerprint per sample group).
+    :param Agreement agree: what each sample group must agree on (see :func:`step_check`).
     :returns: ``(fn's result, the sum of value over the ranks)``; the result
         is ``None`` on no rank, since a failure raises everywhere.
     :raises RankError: on the ranks that did not fail, if some rank failed
@@ -220,8 +229,7 @@ def guarded(
     shape = None if layout is None else layout(result)
     total = step_check(
         local, 0 if layout is None else layout_signature(shape), error, group=group, device=device,
-        describe=lambda: shape, what=what, hint=hint, agree=agree, agree_slot=agree_slot,
-        agree_slots=agree_slots, describe_agree=describe_agree, agree_label=agree_label,
+        describe=lambda: shape, what=what, hint=hint, agree=agree,
     )
     return result, total
 

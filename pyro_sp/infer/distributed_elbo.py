@@ -13,7 +13,7 @@ from pyro import poutine
 
 from pyro_sp.distributed.collectives import all_reduce_sum, broadcast_tensors, gather_rows
 from pyro_sp.distributed.gradients import all_reduce_gradients
-from pyro_sp.distributed.guard import guarded, raise_failure
+from pyro_sp.distributed.guard import Agreement, guarded, raise_failure
 from pyro_sp.distributed.failure import abort_everywhere, explained
 from pyro_sp.distributed.fingerprint import data_fingerprint, describe_data
 from pyro_sp.distributed.mesh import SPMesh, default_mesh, share_counts
@@ -298,6 +298,10 @@ class DistributedELBO:
 
         # Rank 0 is the source of every broadcast: its values never change, so its
         # first run is always its result. The others run again after a broadcast.
+        agreement = Agreement(fingerprint, slot=mesh.data_index, slots=mesh.data, describe=lambda: {
+            "random key of the call (drawn from the global torch RNG)": key,
+            **describe_data(args, kwargs),
+        })
         run = None
         for first in (True, False):
             rerun = first or mesh.rank != 0  # rank 0 keeps its first run and joins the others' check
@@ -308,11 +312,7 @@ class DistributedELBO:
                 group=self._world, what=what, device=mesh.device,
                 value=lambda r: 0.0 if not self._linear or call.empty else _as_float(r[0]),
                 layout=layout, hint=_SHAPE_HINT if self.vectorize_particles else "",
-                agree=fingerprint, agree_slot=mesh.data_index, agree_slots=mesh.data,
-                describe_agree=lambda: {
-                    "random key of the call (drawn from the global torch RNG)": key,
-                    **describe_data(args, kwargs),
-                },
+                agree=agreement,
             )
             payload, params, leaves, grads = run
             fresh = layout(run)["unsynchronised"]

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from pyro.infer import Predictive
 
 from pyro_sp.distributed.collectives import gather_rows
-from pyro_sp.distributed.guard import guarded
+from pyro_sp.distributed.guard import Agreement, guarded
 from pyro_sp.distributed.failure import explained
 from pyro_sp.distributed.fingerprint import data_fingerprint, describe_data
 from pyro_sp.distributed.mesh import SPMesh, default_mesh, particle_share, share_counts
@@ -132,9 +132,10 @@ class DistributedPredictive(torch.nn.Module):
 
         samples, _ = guarded(
             local, group=group, what="DistributedPredictive", device=device, layout=layout,
-            agree=fingerprint, agree_slot=0, agree_slots=1,  # every rank of ``group`` predicts for the same inputs
-            agree_label=mesh.data_index if self.axis == "sample" else 0,
-            describe_agree=lambda: {"random key of the call": key, **describe_data(args, kwargs)},
+            agree=Agreement(  # every rank of ``group`` predicts for the same inputs: one slot
+                fingerprint, label=mesh.data_index if self.axis == "sample" else 0,
+                describe=lambda: {"random key of the call": key, **describe_data(args, kwargs)},
+            ),
         )
         keys = sorted(samples)
         counts = share_counts(self.num_samples, size)
