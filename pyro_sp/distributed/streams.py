@@ -40,7 +40,16 @@ __all__ = [
     "get_global_state",
     "reseed_global",
     "set_global_state",
+    "active_stream",
 ]
+
+#: The :class:`RNGStream` objects whose ``with`` blocks are open, innermost last.
+_ACTIVE: list = []
+
+
+def active_stream() -> "RNGStream | None":
+    """The innermost :class:`RNGStream` installed now (``None``: the user's global generators)."""
+    return _ACTIVE[-1] if _ACTIVE else None
 
 
 def derive_seed(seed: int, *keys) -> int:
@@ -153,9 +162,11 @@ class RNGStream:
             torch.cuda.set_rng_state(state, device)
         self._saved.append((torch.get_rng_state(), device, saved_cuda))
         torch.set_rng_state(self._cpu_state)
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        _ACTIVE.pop()
         cpu, device, cuda = self._saved.pop()
         self._cpu_state = torch.get_rng_state()
         torch.set_rng_state(cpu)

@@ -19,6 +19,7 @@ from pyro_sp.distributed.fingerprint import data_fingerprint, describe_data
 from pyro_sp.distributed.mesh import SPMesh, default_mesh, share_counts
 from pyro_sp.poutine import ShardParticlesMessenger
 from pyro_sp.distributed.streams import RNGStream, draw_key, stream_seed, get_global_state, reseed_global, set_global_state
+from pyro_sp.infer.compiled import CompiledCalls
 
 __all__ = ["DistributedELBO"]
 
@@ -97,6 +98,14 @@ class DistributedELBO:
     :param int num_particles: the *global* number of particles :math:`N`
         (default: the Pyro estimator's, e.g. 1 for ``Trace_ELBO``, 2 for ``RenyiELBO``).
     :param SPMesh mesh: the process grid; default :func:`~pyro_sp.default_mesh`.
+    :param compile: ``True`` (or a :func:`torch.compile` backend name, e.g.
+        ``"aot_eager"``) to run the calls of a static program as one compiled graph
+        (:mod:`pyro_sp.infer.compiled`): the first call runs eagerly (and discovers and
+        synchronises the parameters), the second is captured, later ones run compiled;
+        loss, gradients and random numbers are those of the eager estimator.
+        Trace, TraceMeanField and TraceEnum families only.
+    :param bool cuda_graphs: with ``compile``, replay the compiled graph as a CUDA graph
+        (inductor's ``mode="reduce-overhead"``): for small, launch-bound models on a GPU.
     :param kwargs: the remaining arguments of the Pyro estimator, with Pyro's
         defaults (``vectorize_particles=False`` included: each rank then runs
         its share of Pyro's sequential particle loop; pass
@@ -110,7 +119,11 @@ class DistributedELBO:
         arXiv:2604.04736.
     """
 
-    def __init__(self, num_particles: int | None = None, *, mesh: SPMesh | None = None, **kwargs) -> None:
+    #: Whether ``compile=`` is offered (a linear family whose ``differentiable_loss`` is its estimator).
+    _compilable = False
+
+    def __init__(self, num_particles: int | None = None, *, mesh: SPMesh | None = None,
+                 compile: bool | str = False, cuda_graphs: bool = False, **kwargs) -> None:
         if "seed" in kwargs:
             raise TypeError(
                 "Expected no seed= argument: like Pyro's estimators, pyro_sp's draw their noise "
@@ -127,10 +140,31 @@ class DistributedELBO:
                 f"Expected an integer num_particles >= 1, got {n!r}. "
                 "Give the global number of particles."
             )
+        self._compiled = self._compiled_calls(compile, cuda_graphs)
         self._synced: dict[int, weakref.ref] = {}
         self._last_params: list[torch.Tensor] = []
         self._share: tuple[int, int] | None = None  # particles evaluated here, during a call
         self._call: _CallShare | None = None  # this rank's share, during a whole call
+
+    def _compiled_calls(self, compile, cuda_graphs) -> CompiledCalls | None:
+        name = type(self).__name__
+        if compile is False or compile is None:
+            if cuda_graphs:
+                raise ValueError(f"Expected cuda_graphs=True together with compile=True, got compile={compile!r}. "
+                                 f"Pass {name}(..., compile=True, cuda_graphs=True).")
+            return None
+        if not type(self)._compilable:
+            raise TypeError(
+                f"Expected compile=False for {name}: compile= is offered by DistributedTrace_ELBO, "
+                "DistributedTraceMeanField_ELBO and DistributedTraceEnum_ELBO (linear estimators whose "
+                f"differentiable_loss is the estimator), got compile={compile!r}."
+            )
+        if compile is not True and not isinstance(compile, str):
+            raise TypeError(f"Expected compile=True, False or a torch.compile backend name, got {compile!r}.")
+        backend = "inductor" if compile is True else compile
+        if cuda_graphs and backend != "inductor":
+            raise ValueError(f"Expected the inductor backend with cuda_graphs=True, got compile={compile!r}.")
+        return CompiledCalls(backend, bool(cuda_graphs), name, speak=self.mesh.rank == 0)
 
     # ---- the three interfaces ---------------------------------------------------
     def loss(self, model, guide, *args, **kwargs):
@@ -227,6 +261,9 @@ class DistributedELBO:
         if self._share is not None:
             return method(model, guide, *args, **kwargs)
         if not self.mesh.is_distributed:
+            if self._compiled is not None:
+                return self._compiled(kind, method, super().differentiable_loss, model, guide, args, kwargs,
+                                      extra=(self.num_particles,))[0]
             if self._linear:
                 return method(model, guide, *args, **kwargs)
             loss, result = self._combine(kind, method(model, guide, *args, **kwargs))
@@ -262,7 +299,14 @@ class DistributedELBO:
         self._share = messenger.lo, messenger.hi
         try:
             with rng, messenger, poutine.trace(param_only=True) as capture:
-                payload = method(model, guide, *args, **kwargs)
+                if self._compiled is None:
+                    payload = method(model, guide, *args, **kwargs)
+                else:
+                    streams = {"subsample": messenger.subsample_rng} if messenger.shared_subsample else {}
+                    payload, _ = self._compiled(
+                        kind, method, super().differentiable_loss, model, guide, args, kwargs,
+                        extra=(self.num_particles, call.lo, call.hi, mesh.sample, mesh.data),
+                        streams=streams, accumulate=False)
         finally:
             self._share = None
         params = _collect_params(capture.trace, model, guide, self._is_local_param)

@@ -26,6 +26,8 @@ class DistributedTrace_ELBO(DistributedELBO, Trace_ELBO):
     estimator, the arguments and the synchronisation.
     """
 
+    _compilable = True
+
 
 class DistributedJitTrace_ELBO(DistributedELBO, JitTrace_ELBO):
     """

@@ -17,6 +17,8 @@ class DistributedTraceMeanField_ELBO(DistributedELBO, TraceMeanField_ELBO):
     particles, the likelihood uses this rank's share.
     """
 
+    _compilable = True
+
 
 class DistributedJitTraceMeanField_ELBO(DistributedELBO, JitTraceMeanField_ELBO):
     """:class:`~pyro.infer.JitTraceMeanField_ELBO`, sharded like :class:`DistributedTraceMeanField_ELBO`."""

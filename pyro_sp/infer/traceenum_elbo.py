@@ -16,6 +16,8 @@ class DistributedTraceEnum_ELBO(DistributedELBO, TraceEnum_ELBO):
     particles, and the partial ELBOs add up.
     """
 
+    _compilable = True
+
 
 class DistributedJitTraceEnum_ELBO(DistributedELBO, JitTraceEnum_ELBO):
     """:class:`~pyro.infer.JitTraceEnum_ELBO`, sharded like :class:`DistributedTraceEnum_ELBO`."""
