@@ -25,13 +25,16 @@ numbers of the eager call from the same generators and leaves them in the same
 state: :func:`pyro.set_rng_seed` reproduces it, and pinned test noise pins it.
 The rest is compiled.
 
-**Static.** The capture is refused, and the call runs eagerly with a
-:class:`CompileFallbackWarning`, when the program
+**Static.** Each value the program reads in Python (``.item()``, ``if tensor:``,
+``float(t)``: torch's argument validation, TraceEnum's check for zero
+probabilities) is a *guard*: the graph recomputes it, and a call in which it
+differs from the captured value is thrown away and run eagerly, from the same
+random state. So a branch is never silently baked in; a program whose reads change
+:data:`MAX_GUARD_FAILURES` times runs eagerly from then on, with a
+:class:`CompileFallbackWarning` naming the place. Pyro's NaN warnings are not
+guards (the compiled call checks its loss for NaN as Pyro does). The capture is
+refused, and the call runs eagerly with a warning, when the program
 
-- reads a tensor's value in Python (``.item()``, ``if tensor:``, ``float(t)``),
-  except Pyro's NaN/Inf warnings and torch's argument validation, which only
-  warn or raise (the compiled step checks the loss for NaN as Pyro does;
-  validation of arguments happens on the capturing call only);
 - uses an operation whose output shape depends on values (``nonzero``,
   boolean masks);
 - makes the loss depend on a tensor that requires grad but is neither a Pyro
@@ -77,15 +80,16 @@ _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _DISTRIBUTIONS_DIR = os.path.join(_TORCH_DIR, "distributions") + os.sep
 _PYRO_DIR = os.path.dirname(pyro.__file__) + os.sep
 
-#: Python reads of tensor values that only warn or raise: (file below a package, function).
+#: Python reads of tensor values that only warn, left out of the graph (the compiled call
+#: checks its loss for NaN as Pyro does): (package, file below it, function).
 _BENIGN_READS = {
     ("pyro", "util.py", "warn_if_nan"),
     ("pyro", "util.py", "warn_if_inf"),
     ("pyro", "util.py", "torch_isnan"),
     ("pyro", "util.py", "torch_isinf"),
-    ("torch", "distributions/distribution.py", "__init__"),
-    ("torch", "distributions/distribution.py", "_validate_sample"),
 }
+#: Failed guards after which a captured program is dropped and its key runs eagerly.
+MAX_GUARD_FAILURES = 3
 
 
 #: Pyro modules whose ``torch_item`` turns a loss into a Python number that the loss is then
@@ -105,7 +109,8 @@ class CompiledCalls:
     r"""
     The compiled calls of one estimator: a cache of captured programs by key.
 
-    :param backend: a :func:`torch.compile` backend (``"inductor"``, ``"aot_eager"``, …).
+    :param backend: a :func:`torch.compile` backend (``"inductor"``, ``"aot_eager"``, …), or
+        ``"graph"``: the captured graph run as Python code, without a compiler.
     :param bool cuda_graphs: replay the compiled graph as a CUDA graph
         (inductor's ``mode="reduce-overhead"``).
     :param str owner: the estimator's name, for warnings.
@@ -119,7 +124,7 @@ class CompiledCalls:
         self.captures = 0  # how many graphs were captured (a new shape or parameter adds one)
 
     def __call__(self, kind: str, method: Callable, differentiable: Callable, model, guide, args, kwargs, *,
-                 extra=(), streams: dict | None = None, accumulate: bool = True):
+                 extra=(), streams: dict | None = None, accumulate: bool = True, capture: bool = True):
         """
         One call: compiled when its key was captured, captured when the key was seen
         before, else ``method`` (Pyro's estimator, eagerly).
@@ -133,6 +138,8 @@ class CompiledCalls:
         :param bool accumulate: ``loss_and_grads`` adds to ``.grad`` (Pyro's
             semantics); else it sets ``.grad`` (the distributed call, which stashed
             the earlier gradients).
+        :param bool capture: whether this call may be captured (not a distributed call's
+            second setup round, so every rank captures at the same call).
         :returns: ``(payload, program)``: Pyro's return value, and the captured
             :class:`_Program` that ran or was captured (``None`` for an eager call).
         """
@@ -145,7 +152,7 @@ class CompiledCalls:
         entry = self._programs.get(key)
         if isinstance(entry, _Program):
             return self._run(entry, key, kind, method, model, guide, args, kwargs, streams, accumulate)
-        if entry == "seen":
+        if entry == "seen" and capture:
             if sum(isinstance(v, _Program) for v in self._programs.values()) >= MAX_GRAPHS:
                 if not self._full_warned:
                     self._full_warned = True
@@ -157,7 +164,7 @@ class CompiledCalls:
                 if captured is not None:
                     return captured
                 return method(model, guide, *args, **kwargs), None
-        if entry is None:
+        if entry is None or entry == "seen":
             payload = method(model, guide, *args, **kwargs)
             try:  # the key after the call: the parameters it created belong to it
                 self._programs.setdefault(_key(kind, model, guide, args, kwargs, extra), "seen")
@@ -187,15 +194,17 @@ class CompiledCalls:
                     grads = torch.autograd.grad(loss, targets, allow_unused=True)
             result["loss"], result["grads"] = loss.detach(), grads
             result["sites"] = [n for n, site in sites.trace.nodes.items() if site["type"] == "param"]
-            return loss.detach(), tuple(grads)
+            # every value the program read, compared with what it read now: the guards
+            guards = torch.stack([_same(t, v) for t, v, _ in check.guards]) if check.guards else None
+            return loss.detach(), tuple(grads), guards
 
         rng = get_global_state(), {n: s.get_state() for n, s in streams.items()}
         try:
             with _traceable_items():
                 gm = make_fx(program)(*inputs)
             check.verdict()
-            prog = _Program(gm, check.roles, kind, state, data_tensors, targets, result["sites"], self.backend,
-                            self.cuda_graphs)
+            prog = _Program(gm, check.roles, kind, state, data_tensors, targets, result["sites"],
+                            [where for _, _, where in check.guards], self.backend, self.cuda_graphs)
         except Exception as e:  # noqa: BLE001 - not static or not traceable: the eager call is the answer
             self._programs[key] = "eager"
             reason = str(e) if isinstance(e, NotStatic) else f"Its capture failed: {type(e).__name__}: {e}"
@@ -209,9 +218,9 @@ class CompiledCalls:
     # ---- compiled call ------------------------------------------------------------
     def _run(self, prog, key, kind, method, model, guide, args, kwargs, streams, accumulate):
         first = not prog.ran
-        rng = (get_global_state(), {n: s.get_state() for n, s in streams.items()}) if first else None
+        rng = (get_global_state(), {n: s.get_state() for n, s in streams.items()}) if first or prog.guards else None
         try:
-            loss, grads = prog(args, kwargs, streams)
+            loss, grads, ok = prog(args, kwargs, streams)
         except torch.OutOfMemoryError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -222,6 +231,19 @@ class CompiledCalls:
             self._warn(f"Its graph did not compile, so it runs eagerly: {type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else ''}")
             _restore_rng(rng, streams)
+            return method(model, guide, *args, **kwargs), None
+        if ok is not None and not bool(ok.all()):
+            # A value the program read differs from the captured one: this call takes another
+            # path, so the eager call stands in (from the same random state).
+            _restore_rng(rng, streams)
+            prog.guard_failures += 1
+            if prog.guard_failures >= MAX_GUARD_FAILURES:
+                path, line, function = prog.guards[int((ok == 0).nonzero()[0])]
+                self._programs[key] = "eager"
+                self._warn(f"The program is not static, so it runs eagerly: the value it reads at {path}:{line} "
+                           f"({function}), e.g. by `.item()`, `if tensor:` or `float(tensor)`, changed in "
+                           f"{prog.guard_failures} calls. Keep such decisions in tensors (torch.where) or pass "
+                           "them as arguments.")
             return method(model, guide, *args, **kwargs), None
         pyro.util.warn_if_nan(loss, "loss")
         return _apply(kind, loss, grads, prog.targets, accumulate), prog
@@ -234,14 +256,19 @@ class CompiledCalls:
 class _Program:
     """One captured program: its noise graph (eager) and its compiled graph."""
 
-    def __init__(self, gm, roles, kind, state, data_tensors, targets, sites, backend, cuda_graphs) -> None:
+    def __init__(self, gm, roles, kind, state, data_tensors, targets, sites, guards, backend, cuda_graphs) -> None:
         self.kind, self.state, self.data_tensors, self.targets = kind, state, data_tensors, targets
         self.sites = sites  # the param sites the program visits, in order
+        self.guards = guards  # where each value it reads was read (the graph checks each)
+        self.guard_failures = 0
         self.ran = False
         self.noise, main = _split_noise(gm, roles)
         self.nodes = len(gm.graph.nodes)
-        self.main = torch.compile(main, backend=backend, fullgraph=True, dynamic=False,
-                                  mode="reduce-overhead" if cuda_graphs else None)
+        if backend == "graph":  # the captured graph as Python, no compiler
+            self.main = main
+        else:
+            self.main = torch.compile(main, backend=backend, fullgraph=True, dynamic=False,
+                                      mode="reduce-overhead" if cuda_graphs else None)
         self.cuda_graphs = cuda_graphs
 
     def __call__(self, args, kwargs, streams):
@@ -256,12 +283,13 @@ class _Program:
             noise = self.noise(inputs, streams)
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            loss, grads = self.main(*inputs, *noise)
+            loss, grads, ok = self.main(*inputs, *noise)
             if self.cuda_graphs:  # the graph's outputs are overwritten by the next replay
                 loss = loss.clone()
                 grads = tuple(None if g is None else g.clone() for g in grads)
+                ok = None if ok is None else ok.clone()
         self.ran = True
-        return loss, grads
+        return loss, grads, ok
 
 
 # ---- the key ---------------------------------------------------------------------
@@ -333,15 +361,15 @@ def _benign(where) -> bool:
 
 class _StaticCheck(TorchDispatchMode):
     """
-    Sits above the tracer: records what would make the graph depend on values
-    (reads of values, value-dependent shapes) and, for each random operation, the
-    random stream it draws from.
+    Sits above the tracer: records each value the program reads in Python (a guard:
+    the graph recomputes it and the call checks it), refuses value-dependent shapes,
+    and notes, for each random operation, the random stream it draws from.
     """
 
     def __init__(self, subsample_stream=None) -> None:
         super().__init__()
         self.subsample_stream = subsample_stream
-        self.reads: list = []
+        self.guards: list = []  # (tensor read, the value read, where)
         self.dynamic: list = []
         self.roles: list[str | None] = []
         self.extra: list = []
@@ -351,11 +379,14 @@ class _StaticCheck(TorchDispatchMode):
         tags = func.tags
         if func is torch.ops.aten._local_scalar_dense.default or torch.Tag.data_dependent_output in tags:
             where = _caller()
-            if not _benign(where):
-                self.reads.append((func, where))
             with disable_proxy_modes_tracing():  # a value for Python, no node in the graph
-                return func(*args, **kwargs)
-        if torch.Tag.dynamic_output_shape in tags:
+                value = func(*args, **kwargs)
+            if not _benign(where) and func is torch.ops.aten._local_scalar_dense.default:
+                self.guards.append((args[0], value, where))
+            elif not _benign(where):
+                self.dynamic.append((func, where))
+            return value
+        if torch.Tag.dynamic_output_shape in tags and not _integer_indexing(func, args):
             self.dynamic.append((func, _caller()))
         if torch.Tag.nondeterministic_seeded in tags:
             stream = active_stream()
@@ -364,13 +395,6 @@ class _StaticCheck(TorchDispatchMode):
 
     def verdict(self) -> None:
         """Raise :class:`NotStatic` naming the first place that makes the program not static."""
-        if self.reads:
-            func, (path, line, function) = self.reads[0]
-            raise NotStatic(
-                f"It reads a tensor's value in Python at {path}:{line} ({function}; {func}), e.g. "
-                "`.item()`, `if tensor:` or `float(tensor)`, so its operations may depend on the values. "
-                "Keep the decision in tensors (torch.where) or pass it as an argument."
-            )
         if self.dynamic:
             func, (path, line, function) = self.dynamic[0]
             raise NotStatic(
@@ -384,6 +408,21 @@ class _StaticCheck(TorchDispatchMode):
                 f"parameters nor module parameters of the model or guide (shapes {shapes}). Register them "
                 "with pyro.param or pyro.module, or detach them."
             )
+
+
+def _same(t: torch.Tensor, value) -> torch.Tensor:
+    """In the graph: whether ``t`` holds ``value`` again (as an int32 0/1; booleans compared as integers)."""
+    t = t.reshape(())
+    if t.dtype == torch.bool:
+        t, value = t.to(torch.int32), int(value)
+    return torch.eq(t, value).to(torch.int32)
+
+
+def _integer_indexing(func, args) -> bool:
+    """``x[i]`` with integer index tensors: its shape is the indices' (a boolean mask's is not)."""
+    if func is not torch.ops.aten.index.Tensor:
+        return False
+    return all(i is None or not (i.dtype == torch.bool or i.dtype == torch.uint8) for i in args[1])
 
 
 def _extra_leaves(loss: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor]:

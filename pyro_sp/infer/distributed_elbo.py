@@ -99,7 +99,7 @@ class DistributedELBO:
         (default: the Pyro estimator's, e.g. 1 for ``Trace_ELBO``, 2 for ``RenyiELBO``).
     :param SPMesh mesh: the process grid; default :func:`~pyro_sp.default_mesh`.
     :param compile: ``True`` (or a :func:`torch.compile` backend name, e.g.
-        ``"aot_eager"``) to run the calls of a static program as one compiled graph
+        ``"aot_eager"``, or ``"graph"`` for the captured graph without a compiler) to run the calls of a static program as one compiled graph
         (:mod:`pyro_sp.infer.compiled`): the first call runs eagerly (and discovers and
         synchronises the parameters), the second is captured, later ones run compiled;
         loss, gradients and random numbers are those of the eager estimator.
@@ -282,7 +282,8 @@ class DistributedELBO:
             self._call = None
             reseed_global(key)  # every rank leaves with the same global RNG state
 
-    def _local_run(self, kind, method, model, guide, args, kwargs, particle_seed, subsample_seed, entry):
+    def _local_run(self, kind, method, model, guide, args, kwargs, particle_seed, subsample_seed, entry,
+                   first: bool = True):
         """This rank's share of the call: ``(payload, params by name, leaves, local gradients)``."""
         mesh, call = self.mesh, self._call
         if kind == "loss_and_grads":
@@ -306,7 +307,7 @@ class DistributedELBO:
                     payload, _ = self._compiled(
                         kind, method, super().differentiable_loss, model, guide, args, kwargs,
                         extra=(self.num_particles, call.lo, call.hi, mesh.sample, mesh.data),
-                        streams=streams, accumulate=False)
+                        streams=streams, accumulate=False, capture=first)
         finally:
             self._share = None
         params = _collect_params(capture.trace, model, guide, self._is_local_param)
@@ -352,7 +353,7 @@ class DistributedELBO:
             previous = run
             run, total = guarded(
                 (lambda: self._local_run(kind, method, model, guide, args, kwargs, particle_seed, subsample_seed,
-                                         entry)) if rerun else (lambda: previous),
+                                         entry, first)) if rerun else (lambda: previous),
                 group=self._world, what=what, device=mesh.device,
                 value=lambda r: 0.0 if not self._linear or call.empty else _as_float(r[0]),
                 layout=layout, hint=_SHAPE_HINT if self.vectorize_particles else "",
