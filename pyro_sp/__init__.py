@@ -9,6 +9,7 @@ from pyro_sp import data, distributed, nn, poutine, uq
 from pyro_sp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyro_sp.forecast import DistributedForecaster
 from pyro_sp.infer import (
+    CompileFallbackWarning,
     DistributedELBO,
     DistributedJitTrace_ELBO,
     DistributedJitTraceEnum_ELBO,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "CompileFallbackWarning",
     "DistributedELBO",
     "DistributedForecaster",
     "DistributedJitTraceEnum_ELBO",

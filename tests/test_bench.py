@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -98,6 +99,55 @@ def test_gpu_scaling_on_cpu(tmp_path):
         assert set(COLLECTIVE_KINDS) <= set(row["result"]["collectives_per_step"])
         assert counted == ({"bucketed_gradients", "loss_sum"} if row["variant"] == "fused_eager"
                            else {"all_reduce_gradients", "step_check"})
+
+
+COMPILED_VARIANTS = ["pyro", "pyro_jit", "pyro_sp", "pyro_sp_compiled", "pyro_sp_compiled_graphs"]
+FAILED = re.compile(r"^failed: \w+: ")
+
+
+def test_compiled_on_cpu(tmp_path):
+    r = bench("compiled", "--tiny", "--device", "cpu", "--programs", "small", "gmm",
+              "--variants", *COMPILED_VARIANTS, tmp_path=tmp_path)
+    assert r["suite"] == "compiled" and r["device"] == "cpu" and r["warmup"] >= 4
+    assert [(row["program"], row["particles"]) for row in r["rows"]] == [("small", 8), ("gmm", 1)]
+    for row in r["rows"]:
+        # CUDA graphs are skipped on a CPU; every other cell is a timing dict
+        assert row["pyro_sp_compiled_graphs"].startswith("skipped: ")
+        for variant in COMPILED_VARIANTS[:-1]:
+            cell = row[variant]
+            assert isinstance(cell, dict), (row["program"], variant, cell)
+            assert cell["step_ms_median"] > 0 and "peak_gib" not in cell
+            assert cell["speedup_vs_eager"] > 0 and cell["speedup_vs_jit"] > 0
+            assert ("compile_s" in cell) == (variant in ("pyro_jit", "pyro_sp_compiled"))
+            assert "fallback" not in cell or variant == "pyro_sp_compiled"
+        assert row["pyro"]["speedup_vs_eager"] == 1.0 and row["pyro_jit"]["speedup_vs_jit"] == 1.0
+
+
+def test_compiled_records_failures(tmp_path):
+    # Pyro's JIT may fail on BayesianModule models: a failure is a cell, not a crash
+    r = bench("compiled", "--tiny", "--device", "cpu", "--programs", "mlp", "--variants", "pyro", "pyro_jit",
+              tmp_path=tmp_path)
+    row = r["rows"][0]
+    assert row["program"] == "mlp" and isinstance(row["pyro"], dict)
+    assert isinstance(row["pyro_jit"], dict) or FAILED.match(row["pyro_jit"]), row["pyro_jit"]
+    if isinstance(row["pyro_jit"], str):
+        assert row["pyro"]["speedup_vs_jit"] is None
+
+
+def test_compiled_failure_format(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from pyro_sp.bench import compiled
+
+    def broken(name, tiny, device):
+        raise ValueError("Expected something.\nMore detail.")
+
+    monkeypatch.setattr(compiled, "build", broken)
+    args = SimpleNamespace(tiny=True, warmup=4, steps=1)
+    cell = compiled.attempt("pyro", "small", 1, args, torch.device("cpu"))
+    assert cell == "failed: ValueError: Expected something."
 
 
 def test_memory_needs_cuda(tmp_path):

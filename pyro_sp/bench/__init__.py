@@ -11,6 +11,7 @@ suite           what                                                         mod
 ``gpu-single``  step time and peak memory vs N: Pyro, pyro_sp, MeanFieldVI   :mod:`~pyro_sp.bench.gpu`
 ``gpu-scaling`` weak / strong scaling, one rank per GPU (``--nproc``)         :mod:`~pyro_sp.bench.gpu`
 ``gpu-memory``  the largest N that fits on one GPU                           :mod:`~pyro_sp.bench.gpu`
+``compiled``    eager, JIT and compiled SVI steps of Pyro programs           :mod:`~pyro_sp.bench.compiled`
 =============== ============================================================ ===========
 
 ``--tiny`` runs any suite in a few seconds on a CPU (the test suite does).
@@ -37,6 +38,7 @@ SUITES = {
     "gpu-single": ("pyro_sp.bench.gpu", "single", False),
     "gpu-scaling": ("pyro_sp.bench.gpu", "scaling", True),
     "gpu-memory": ("pyro_sp.bench.gpu", "memory", False),
+    "compiled": ("pyro_sp.bench.compiled", "compiled", False),
 }
 
 
@@ -57,6 +59,14 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _compiled_cells(cell) -> list:
+    """A ``compiled`` cell as table columns: step, compile_s, the two speedups (``-`` if none)."""
+    if not isinstance(cell, dict):
+        return [cell if len(cell) <= 80 else cell[:77] + "...", "-", "-", "-"]
+    return [cell] + [cell.get(k) if cell.get(k) is not None else "-"
+                     for k in ("compile_s", "speedup_vs_eager", "speedup_vs_jit")]
+
+
 def format_result(result: dict) -> str:
     """A plain-text table of a suite's JSON result."""
     suite = result.get("suite")
@@ -71,6 +81,10 @@ def format_result(result: dict) -> str:
             ["variant", "largest N that fits", "smallest N that fails"],
             [[v, r["largest_fitting"], r["smallest_failing"]] for v, r in result["variants"].items()],
         )
+    if suite == "compiled":
+        return _table(["program", "particles", "variant", "step", "compile s", "x pyro", "x pyro_jit"],
+                      [[r["program"], r["particles"], v] + _compiled_cells(r[v]) for r in result["rows"]
+                       for v in result["variants"]])
     if suite == "step":
         head = f"{result['world_size']} rank(s), step {1e3 * result['step_s_median']:.2f} ms (median)\n"
         return head + _table(["collective", "per step", "bytes", "seconds"],

@@ -54,7 +54,9 @@ from pyro_sp.nn import BayesianModule, MeanFieldVI, categorical_likelihood
 
 #: The variants ``single`` runs by default (all but the Pyro-primitive MLP).
 DEFAULT_VARIANTS = ("pyro", "pyro_sp", "fused_eager", "fused", "fused_analytic", "fused_split")
-VARIANTS = DEFAULT_VARIANTS + ("pyro_primitives", "pyro_sp_primitives")
+VARIANTS = DEFAULT_VARIANTS + ("pyro_primitives", "pyro_sp_primitives", "pyro_sp_compiled", "pyro_sp_compiled_graphs")
+#: pyro_sp's general path compiled (``compile=True``; ``cuda_graphs=True`` for ``_graphs``).
+COMPILED_VARIANTS = ("pyro_sp_compiled", "pyro_sp_compiled_graphs")
 #: Steps recorded after the timed ones (``scaling``) for the collectives per step.
 RECORDED_STEPS = 3
 
@@ -87,7 +89,7 @@ def _mlp_sizes(net) -> tuple[int, ...]:
 def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
     """A function that runs one optimisation step of ``variant``."""
     bnn = BayesianModule(net, prior_scale="fan_in")
-    if variant in ("pyro", "pyro_sp", "pyro_primitives", "pyro_sp_primitives"):
+    if variant in ("pyro", "pyro_sp", "pyro_primitives", "pyro_sp_primitives") + COMPILED_VARIANTS:
         pyro.clear_param_store()
         if variant.endswith("_primitives"):
             pyro.set_rng_seed(0)
@@ -100,7 +102,9 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
         if variant in ("pyro", "pyro_primitives"):
             loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
         else:
-            loss = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=num_particles, mesh=mesh)
+            compiled = {"compile": True, "cuda_graphs": variant.endswith("_graphs")} if variant in COMPILED_VARIANTS else {}
+            loss = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=num_particles, mesh=mesh,
+                                                 **compiled)
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=loss)
         return lambda: svi.step(x, y)
     if variant not in VARIANTS:

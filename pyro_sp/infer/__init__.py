@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Sampling-parallel estimators and predictive."""
 
+from .compiled import CompileFallbackWarning
 from .distributed_elbo import DistributedELBO
 from .predictive import DistributedPredictive
 from .renyi_elbo import DistributedRenyiELBO
@@ -12,6 +13,7 @@ from .tracegraph_elbo import DistributedJitTraceGraph_ELBO, DistributedTraceGrap
 from .tracetmc_elbo import DistributedTraceTMC_ELBO
 
 __all__ = [
+    "CompileFallbackWarning",
     "DistributedELBO",
     "DistributedJitTraceEnum_ELBO",
     "DistributedJitTraceGraph_ELBO",
