@@ -78,8 +78,8 @@ def test_sync(tmp_path):
 
 @pytest.mark.parametrize("model", ["mlp", "vit"])
 def test_gpu_single_on_cpu(tmp_path, model):
-    variants = ["pyro", "pyro_sp", "fused_eager"] + (["fused", "pyro_primitives", "pyro_sp_primitives"]
-                                                     if model == "mlp" else [])
+    variants = ["pyro", "pyro_sp", "fused_eager"] + (["fused", "pyro_primitives", "pyro_sp_primitives",
+                                                      "pyro_sp_compiled_native"] if model == "mlp" else [])
     r = bench("gpu-single", "--tiny", "--device", "cpu", "--model", model, "--particles", "2",
               "--variants", *variants, tmp_path=tmp_path)
     row = r["rows"][0]

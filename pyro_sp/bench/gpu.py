@@ -54,9 +54,11 @@ from pyro_sp.nn import BayesianModule, MeanFieldVI, categorical_likelihood
 
 #: The variants ``single`` runs by default (all but the Pyro-primitive MLP).
 DEFAULT_VARIANTS = ("pyro", "pyro_sp", "fused_eager", "fused", "fused_analytic", "fused_split")
-VARIANTS = DEFAULT_VARIANTS + ("pyro_primitives", "pyro_sp_primitives", "pyro_sp_compiled", "pyro_sp_compiled_graphs")
-#: pyro_sp's general path compiled (``compile=True``; ``cuda_graphs=True`` for ``_graphs``).
-COMPILED_VARIANTS = ("pyro_sp_compiled", "pyro_sp_compiled_graphs")
+#: pyro_sp's general path compiled (``compile=True``; ``cuda_graphs=True`` for ``_graphs``) with
+#: Pyro's SVI, and ``_native``: the PyTorch-native loop (``elbo(model, guide)``, one
+#: ``torch.optim.Adam`` over all parameters as the fused variants have; CUDA graphs on CUDA).
+COMPILED_VARIANTS = ("pyro_sp_compiled", "pyro_sp_compiled_graphs", "pyro_sp_compiled_native")
+VARIANTS = DEFAULT_VARIANTS + ("pyro_primitives", "pyro_sp_primitives") + COMPILED_VARIANTS
 #: Steps recorded after the timed ones (``scaling``) for the collectives per step.
 RECORDED_STEPS = 3
 
@@ -102,9 +104,12 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
         if variant in ("pyro", "pyro_primitives"):
             loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
         else:
-            compiled = {"compile": True, "cuda_graphs": variant.endswith("_graphs")} if variant in COMPILED_VARIANTS else {}
+            graphs = variant.endswith("_graphs") or (variant.endswith("_native") and x.device.type == "cuda")
+            compiled = {"compile": True, "cuda_graphs": graphs} if variant in COMPILED_VARIANTS else {}
             loss = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=num_particles, mesh=mesh,
                                                  **compiled)
+        if variant.endswith("_native"):
+            return _native_step(loss(model, guide), x, y)
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=loss)
         return lambda: svi.step(x, y)
     if variant not in VARIANTS:
@@ -116,6 +121,22 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
     ).to(x.device)
     optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=1e-3)
     return lambda: vi.step(optim, x, y)
+
+
+def _native_step(elbo, x, y):
+    """The PyTorch-native loop of an ELBO module: the first call creates the parameters,
+    then one ``torch.optim.Adam`` over all of them."""
+    elbo(x, y)
+    optim = torch.optim.Adam(list(elbo.parameters()), lr=1e-3)
+
+    def step():
+        optim.zero_grad(set_to_none=True)
+        loss = elbo(x, y)
+        loss.backward()
+        optim.step()
+        return loss
+
+    return step
 
 
 def _attempt(variant, net, x, y, n, device, warmup, steps, mesh=None, record: bool = False) -> dict | str:
