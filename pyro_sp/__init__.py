@@ -5,7 +5,7 @@ Split the vectorized particles of an ELBO over ``torch.distributed`` ranks and
 get exactly the single-process estimator back.
 """
 
-from pyro_sp import data, distributed, nn, poutine, uq
+from pyro_sp import data, distributed, nn, optim, poutine, uq
 from pyro_sp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from pyro_sp.forecast import DistributedForecaster
 from pyro_sp.infer import (
@@ -65,6 +65,7 @@ __all__ = [
     "init_mesh",
     "load_checkpoint",
     "nn",
+    "optim",
     "particle_share",
     "poutine",
     "rank_local",

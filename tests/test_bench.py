@@ -79,7 +79,7 @@ def test_sync(tmp_path):
 @pytest.mark.parametrize("model", ["mlp", "vit"])
 def test_gpu_single_on_cpu(tmp_path, model):
     variants = ["pyro", "pyro_sp", "fused_eager"] + (["fused", "pyro_primitives", "pyro_sp_primitives",
-                                                      "pyro_sp_compiled_native"] if model == "mlp" else [])
+                                                      "pyro_sp_compiled_native", "pyro_sp_compiled_grouped"] if model == "mlp" else [])
     r = bench("gpu-single", "--tiny", "--device", "cpu", "--model", model, "--particles", "2",
               "--variants", *variants, tmp_path=tmp_path)
     row = r["rows"][0]
@@ -101,7 +101,8 @@ def test_gpu_scaling_on_cpu(tmp_path):
                            else {"all_reduce_gradients", "step_check"})
 
 
-COMPILED_VARIANTS = ["pyro", "pyro_jit", "pyro_sp", "pyro_sp_compiled", "pyro_sp_compiled_graphs"]
+COMPILED_VARIANTS = ["pyro", "pyro_jit", "pyro_sp", "pyro_sp_compiled", "pyro_grouped", "pyro_sp_compiled_grouped",
+                     "pyro_sp_compiled_graphs"]
 FAILED = re.compile(r"^failed: \w+: ")
 
 
@@ -118,8 +119,8 @@ def test_compiled_on_cpu(tmp_path):
             assert isinstance(cell, dict), (row["program"], variant, cell)
             assert cell["step_ms_median"] > 0 and "peak_gib" not in cell
             assert cell["speedup_vs_eager"] > 0 and cell["speedup_vs_jit"] > 0
-            assert ("compile_s" in cell) == (variant in ("pyro_jit", "pyro_sp_compiled"))
-            assert "fallback" not in cell or variant == "pyro_sp_compiled"
+            assert ("compile_s" in cell) == (variant in ("pyro_jit", "pyro_sp_compiled", "pyro_sp_compiled_grouped"))
+            assert "fallback" not in cell or variant.startswith("pyro_sp_compiled")
         assert row["pyro"]["speedup_vs_eager"] == 1.0 and row["pyro_jit"]["speedup_vs_jit"] == 1.0
 
 

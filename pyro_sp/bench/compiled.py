@@ -10,7 +10,11 @@ Variants, every one with ``vectorize_particles=True`` and the program's estimato
 ``pyro_jit``                 Pyro's ``JitTrace_ELBO`` / ``JitTraceEnum_ELBO``;
 ``pyro_sp``                  pyro_sp's eager ``DistributedTrace_ELBO`` / ``DistributedTraceEnum_ELBO``;
 ``pyro_sp_compiled``         the same with ``compile=True`` (inductor, :mod:`pyro_sp.infer.compiled`);
-``pyro_sp_compiled_graphs``  ``compile=True, cuda_graphs=True`` (CUDA only; not run on a CPU).
+``pyro_sp_compiled_graphs``  ``compile=True, cuda_graphs=True`` (CUDA only; not run on a CPU);
+``pyro_grouped``             ``pyro`` with :func:`pyro_sp.optim.Adam` (one optimizer step for all
+                             parameters) in place of ``pyro.optim.Adam``: the optimizer's share;
+``pyro_sp_compiled_grouped`` ``compile=True`` (with ``cuda_graphs=True`` on CUDA) and
+                             :func:`pyro_sp.optim.Adam`: the fastest general path.
 
 A cell is ``{"step_ms_median", "peak_gib" (CUDA)}`` from :func:`~pyro_sp.bench.timing.timed`,
 plus ``speedup_vs_eager`` (``pyro``'s median over this one's) and ``speedup_vs_jit``
@@ -50,9 +54,10 @@ from pyro_sp.infer.compiled import CompileFallbackWarning
 
 __all__ = ["COMPILE_STEPS", "VARIANTS", "make_step", "parser", "run"]
 
-VARIANTS = ("pyro", "pyro_jit", "pyro_sp", "pyro_sp_compiled", "pyro_sp_compiled_graphs")
+VARIANTS = ("pyro", "pyro_jit", "pyro_sp", "pyro_sp_compiled", "pyro_sp_compiled_graphs", "pyro_grouped",
+            "pyro_sp_compiled_grouped")
 #: The variants that compile in their first steps (and report ``compile_s``).
-COMPILING = ("pyro_jit", "pyro_sp_compiled", "pyro_sp_compiled_graphs")
+COMPILING = ("pyro_jit", "pyro_sp_compiled", "pyro_sp_compiled_graphs", "pyro_sp_compiled_grouped")
 #: The first steps of a compiled estimator: eager, capture, compile, first compiled step.
 COMPILE_STEPS = 4
 #: family -> (Pyro's eager estimator, Pyro's JIT one, pyro_sp's)
@@ -65,6 +70,7 @@ PYRO_SP_KWARGS = {
     "pyro_sp": {},
     "pyro_sp_compiled": {"compile": True},
     "pyro_sp_compiled_graphs": {"compile": True, "cuda_graphs": True},
+    "pyro_sp_compiled_grouped": {"compile": True},  # + cuda_graphs on CUDA (estimator())
 }
 #: program -> its particle counts when ``--particles`` does not set them (tiny, full)
 PARTICLES = {"vae": ([1], [1]), "gmm": ([1], [1]), "small": ([8], [8]), "mlp": ([2], [8, 32, 64])}
@@ -76,18 +82,22 @@ def estimator(variant: str, program: Program, num_particles: int):
     """The ELBO of ``variant`` for ``program``'s family, with ``num_particles`` vectorized particles."""
     eager, jit, sharded = ESTIMATORS[program.family]
     kwargs = dict(program.elbo_kwargs, num_particles=num_particles, vectorize_particles=True)
-    if variant == "pyro":
+    if variant in ("pyro", "pyro_grouped"):
         return eager(**kwargs)
     if variant == "pyro_jit":
         return jit(ignore_jit_warnings=True, **kwargs)
     if variant not in PYRO_SP_KWARGS:
         raise ValueError(f"Expected a variant in {VARIANTS}, got {variant!r}.")
-    return sharded(**kwargs, **PYRO_SP_KWARGS[variant])
+    options = dict(PYRO_SP_KWARGS[variant])
+    if variant == "pyro_sp_compiled_grouped" and program.args[0].device.type == "cuda":
+        options["cuda_graphs"] = True
+    return sharded(**kwargs, **options)
 
 
 def make_step(variant: str, program: Program, num_particles: int):
     """A function that runs one ``SVI.step`` of ``variant`` on ``program``."""
-    svi = SVI(program.model, program.guide, pyro.optim.Adam({"lr": program.lr}),
+    adam = pyro_sp.optim.Adam if variant.endswith("_grouped") else pyro.optim.Adam
+    svi = SVI(program.model, program.guide, adam({"lr": program.lr}),
               loss=estimator(variant, program, num_particles))
     return lambda: svi.step(*program.args)
 

@@ -55,9 +55,12 @@ from pyro_sp.nn import BayesianModule, MeanFieldVI, categorical_likelihood
 #: The variants ``single`` runs by default (all but the Pyro-primitive MLP).
 DEFAULT_VARIANTS = ("pyro", "pyro_sp", "fused_eager", "fused", "fused_analytic", "fused_split")
 #: pyro_sp's general path compiled (``compile=True``; ``cuda_graphs=True`` for ``_graphs``) with
-#: Pyro's SVI, and ``_native``: the PyTorch-native loop (``elbo(model, guide)``, one
-#: ``torch.optim.Adam`` over all parameters as the fused variants have; CUDA graphs on CUDA).
-COMPILED_VARIANTS = ("pyro_sp_compiled", "pyro_sp_compiled_graphs", "pyro_sp_compiled_native")
+#: Pyro's SVI and ``pyro.optim.Adam``; ``_grouped``: the same SVI with :func:`pyro_sp.optim.Adam`
+#: (one ``torch.optim.Adam`` step for all parameters, as the fused variants have; CUDA graphs on
+#: CUDA); ``_native``: the PyTorch-native loop (``elbo(model, guide)``, one ``torch.optim.Adam``;
+#: CUDA graphs on CUDA).
+COMPILED_VARIANTS = ("pyro_sp_compiled", "pyro_sp_compiled_graphs", "pyro_sp_compiled_grouped",
+                     "pyro_sp_compiled_native")
 VARIANTS = DEFAULT_VARIANTS + ("pyro_primitives", "pyro_sp_primitives") + COMPILED_VARIANTS
 #: Steps recorded after the timed ones (``scaling``) for the collectives per step.
 RECORDED_STEPS = 3
@@ -104,13 +107,14 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
         if variant in ("pyro", "pyro_primitives"):
             loss = Trace_ELBO(num_particles=num_particles, vectorize_particles=True)
         else:
-            graphs = variant.endswith("_graphs") or (variant.endswith("_native") and x.device.type == "cuda")
+            graphs = variant.endswith("_graphs") or (variant.endswith(("_native", "_grouped")) and x.device.type == "cuda")
             compiled = {"compile": True, "cuda_graphs": graphs} if variant in COMPILED_VARIANTS else {}
             loss = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=num_particles, mesh=mesh,
                                                  **compiled)
         if variant.endswith("_native"):
             return _native_step(loss(model, guide), x, y)
-        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=loss)
+        adam = pyro_sp.optim.Adam if variant.endswith("_grouped") else pyro.optim.Adam
+        svi = SVI(model, guide, adam({"lr": 1e-3}), loss=loss)
         return lambda: svi.step(x, y)
     if variant not in VARIANTS:
         raise ValueError(f"Expected a variant in {VARIANTS}, got {variant!r}.")
