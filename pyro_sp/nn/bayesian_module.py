@@ -191,7 +191,8 @@ class BayesianModule(torch.nn.Module):
         out = self.functional_forward(stacked, fixed, args, kwargs)
         return out if batch else _squeeze_particles(out)
 
-    def functional_forward(self, samples: dict, fixed: dict, args: tuple, kwargs: dict | None = None):
+    def functional_forward(self, samples: dict, fixed: dict, args: tuple, kwargs: dict | None = None, *,
+                           module: torch.nn.Module | None = None, num: int | None = None):
         """
         The network on :math:`P` draws of its Bayesian parameters at once: the
         vectorized functional forward of every path (this module's Pyro model
@@ -199,15 +200,23 @@ class BayesianModule(torch.nn.Module):
 
         :param dict samples: Bayesian parameter name -> tensor ``(P, *shape)``.
         :param dict fixed: deterministic parameter name -> tensor ``shape``.
+        :param module: the network to run (default: this module's); ``MeanFieldVI``'s
+            layer estimators pass a copy whose layers draw their own noise
+            (:mod:`pyro_sp.nn.layer_estimators`).
+        :param int num: :math:`P` where ``samples`` is empty (every Bayesian tensor drawn
+            inside ``module``).
         :returns: the network's outputs with the particles on the left, ``(P, ...)``
             (dropout drawn per ``dropout=``).
         """
+        module = self.module if module is None else module
         buffers = dict(self.module.named_buffers())
 
-        def one_particle(params, args, kwargs):
-            return functional_call(self.module, {**params, **fixed, **buffers}, args, kwargs)
+        def one_particle(params, _, args, kwargs):
+            return functional_call(module, {**params, **fixed, **buffers}, args, kwargs)
 
-        return vmap(one_particle, in_dims=(0, None, None), randomness=self.dropout)(samples, args, kwargs or {})
+        particles = torch.empty((num if not samples else 0, 0))  # only its size is read, when samples is empty
+        return vmap(one_particle, in_dims=(0 if samples else None, None if samples else 0, None, None),
+                    randomness=self.dropout)(samples, particles, args, kwargs or {})
 
 
 def _squeeze_particles(out):

@@ -22,6 +22,7 @@ from pyro_sp.distributed.record import recorded
 from pyro_sp.distributed.streams import RNGStream, stream_seed
 
 from .bayesian_module import BayesianModule
+from .layer_estimators import ESTIMATORS, reparameterized_layers, swap_layers
 from .likelihoods import LogLikelihood, log_likelihood
 
 __all__ = ["MeanFieldVI"]
@@ -42,11 +43,16 @@ class _Posterior(torch.nn.Module):
     gradient buckets are summed while the backward pass is still running.
     """
 
-    def __init__(self, bnn: BayesianModule, init_scale: float, init_loc: str) -> None:
+    def __init__(self, bnn: BayesianModule, init_scale: float, init_loc: str, estimator: str = "exact") -> None:
         super().__init__()
         self.bnn = bnn
         named = dict(bnn.module.named_parameters())
         self.names = list(bnn.bayesian_names)
+        self.estimator = estimator
+        # the layers the estimator evaluates (none for "exact"), and the network with those layers
+        # swapped (a plain attribute: it holds no values, every call passes them)
+        self.layers = {} if estimator == "exact" else reparameterized_layers(bnn.module, self.names, estimator)
+        object.__setattr__(self, "swapped", swap_layers(bnn.module, self.layers, estimator) if self.layers else None)
         self.locs = torch.nn.ParameterList()
         self.rhos = torch.nn.ParameterList()
         self.fixed = torch.nn.ParameterList()
@@ -84,9 +90,49 @@ class _Posterior(torch.nn.Module):
         fixed = dict(zip(self.bnn.deterministic_names, self.fixed))
         return self.bnn.functional_forward(dict(zip(self.names, values)), fixed, args, kwargs)
 
+    def estimated_outputs(self, num: int, args) -> tuple[list, list, torch.Tensor]:
+        """
+        The outputs of ``num`` particles under a layer estimator (:mod:`~pyro_sp.nn.layer_estimators`):
+        the layers it evaluates get the guide's means and scales (``local_reparam``) or a
+        per-particle perturbation (``flipout``); every other Bayesian tensor is drawn as usual.
+        Returns the draws ``loc + eps * scale`` (``None`` where local reparameterization draws
+        none), their ``eps``, and the outputs.
+        """
+        layer_of = {}
+        for path, bayesian_bias in self.layers.items():
+            prefix = f"{path}." if path else ""
+            layer_of[f"{prefix}weight"] = (prefix, "weight")
+            if bayesian_bias and self.estimator == "local_reparam":
+                layer_of[f"{prefix}bias"] = (prefix, "bias")
+        samples, fixed, values, noises = {}, dict(zip(self.bnn.deterministic_names, self.fixed)), [], []
+        for n, loc, rho in zip(self.names, self.locs, self.rhos):
+            scale = F.softplus(rho)
+            if n in layer_of and self.estimator == "local_reparam":
+                prefix, what = layer_of[n]
+                fixed[n], fixed[f"{prefix}{what}_scale"] = loc, scale
+                values.append(None)
+                noises.append(None)
+                continue
+            eps = torch.randn((num,) + loc.shape, dtype=loc.dtype, device=loc.device)
+            if n in layer_of:  # flipout: the mean shared, one perturbation per particle
+                prefix, _ = layer_of[n]
+                fixed[n], samples[f"{prefix}weight_delta"] = loc, eps * scale
+            else:
+                samples[n] = loc + eps * scale
+            values.append(loc + eps * scale)
+            noises.append(eps)
+        out = self.bnn.functional_forward(samples, fixed, args, {}, module=self.swapped, num=num)
+        return values, noises, out
+
     def forward(self, x, y, num: int, weight: float, ll_scale: float, kl: str, loglik, noise=None):
-        values, noises = self.sample(num, noise)
-        out = self.outputs(values, (x,), {})
+        if self.estimator == "exact":
+            values, noises = self.sample(num, noise)
+            out = self.outputs(values, (x,), {})
+        else:
+            if noise is not None:
+                raise ValueError(f"Expected noise=None with estimator={self.estimator!r}: pinned noise "
+                                 "is the exact estimator's test hook (one draw per Bayesian tensor).")
+            values, noises, out = self.estimated_outputs(num, (x,))
         log_lik = loglik(out, y)
         if log_lik.shape != (num, y.shape[0]):
             raise ValueError(
@@ -167,6 +213,14 @@ class MeanFieldVI(torch.nn.Module):
     :param int num_data: size of the data set :math:`M` (default: the batch).
     :param float noise_scale: :math:`\\sigma` of the ``"normal"`` likelihood.
     :param str kl: ``"analytic"`` or ``"sample"`` (see above).
+    :param str estimator: ``"exact"`` (the default: every Bayesian tensor drawn, the
+        estimator above), or a lower-variance, unbiased estimator of the same loss and
+        gradient for the ``Linear``/``Conv2d`` layers with a Bayesian weight
+        (:mod:`pyro_sp.nn.layer_estimators`): ``"local_reparam"`` (pre-activations drawn
+        instead of weights; ``Linear`` layers on ``(batch, features)`` inputs, with
+        ``kl="analytic"``) or ``"flipout"`` (one weight perturbation per particle, sign-flipped
+        per example). Their losses are not Pyro's numbers, only equal in expectation.
+        :meth:`predict` always draws weights.
     :param float init_scale: initial guide scale (as ``AutoNormal(init_scale=...)``).
     :param str init_loc: ``"module"``: guide means start at the network's own
         initial values (a trainable start); ``"zeros"``: at zero.
@@ -202,6 +256,7 @@ class MeanFieldVI(torch.nn.Module):
         num_data: int | None = None,
         noise_scale: float = 1.0,
         kl: str = "analytic",
+        estimator: str = "exact",
         init_scale: float = 0.01,
         init_loc: str = "module",
         mesh: SPMesh | None = None,
@@ -228,6 +283,19 @@ class MeanFieldVI(torch.nn.Module):
             )
         if kl not in _KL:
             raise ValueError(f"Expected kl in {_KL}, got {kl!r}.")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"Expected estimator in {ESTIMATORS}, got {estimator!r}.")
+        if estimator == "local_reparam" and kl != "analytic":
+            raise ValueError(
+                f"Expected kl='analytic' with estimator='local_reparam', got kl={kl!r}: the local "
+                "reparameterization draws pre-activations, not weights, so there is no weight draw to "
+                "evaluate the sampled KL at. Pass kl='analytic', or estimator='flipout'."
+            )
+        if estimator != "exact" and bnn.dropout != "different":
+            raise ValueError(
+                f"Expected a BayesianModule with dropout='different' for estimator={estimator!r}, got "
+                f"dropout={bnn.dropout!r}: the estimator's noise is drawn per particle like dropout masks."
+            )
         if check not in _CHECK:
             raise ValueError(f"Expected check in {_CHECK}, got {check!r}.")
         if init_loc not in ("module", "zeros"):
@@ -244,7 +312,14 @@ class MeanFieldVI(torch.nn.Module):
         self.num_data = num_data
         self.kl = kl
         self.check = check
-        self.posterior = _Posterior(bnn, init_scale, init_loc)
+        self.estimator = estimator
+        self.posterior = _Posterior(bnn, init_scale, init_loc, estimator)
+        if estimator != "exact" and not self.posterior.layers:
+            raise ValueError(
+                f"Expected a Linear{' or Conv2d' if estimator == 'flipout' else ''} layer with a Bayesian "
+                f"weight for estimator={estimator!r}, "
+                f"got none among the Bayesian tensors {bnn.bayesian_names}. Use estimator='exact'."
+            )
         lo, hi = self.mesh.particle_share(num_particles)
         self.num_local = hi - lo
         self._steps = 0
@@ -258,7 +333,8 @@ class MeanFieldVI(torch.nn.Module):
             likelihood_name = likelihood if isinstance(likelihood, str) else getattr(
                 likelihood, "__qualname__", type(likelihood).__qualname__)
             layout = {
-                "num_particles": num_particles, "num_data": num_data, "kl": kl, "likelihood": likelihood_name,
+                "num_particles": num_particles, "num_data": num_data, "kl": kl, "estimator": estimator,
+                "likelihood": likelihood_name,
                 "noise_scale": noise_scale, "mesh": (self.mesh.sample, self.mesh.data),
                 "gradient_sync": gradient_sync,
                 "parameters": list(zip(bnn.bayesian_names + bnn.deterministic_names, shapes)),

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU measurements of BENCHMARKS.md "The compiled general path", in one call on one GPU:
+#   bash benchmarks/compiled_round.sh
+# Needs the wheels of pyro-ppl and pyro-api in .whl/ on a machine without internet.
+# Results (JSON) go to $OUT (default ./bench-out).
+set -uo pipefail
+OUT=${OUT:-bench-out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+BENCH="python3 -m pyro_sp.cli bench"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+timeout 330 $BENCH gpu-single --model mlp --particles 8 32 64 --warmup 6 --steps 20 \
+  --variants pyro pyro_sp_compiled pyro_sp_compiled_graphs pyro_sp_compiled_grouped pyro_sp_compiled_native fused \
+  --out "$OUT/gpu_single_fp32.json" 2>&1 | grep -v -E "^INFO|USDT"
+timeout 240 $BENCH compiled --device cuda --programs small gmm vae \
+  --variants pyro pyro_jit pyro_grouped pyro_sp_compiled pyro_sp_compiled_graphs pyro_sp_compiled_grouped \
+  --out "$OUT/compiled_fp32.json" 2>&1 | grep -v -E "^INFO|USDT"
