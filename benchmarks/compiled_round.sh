@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements of BENCHMARKS.md "The compiled general path", in one call on one GPU:
-#   bash benchmarks/compiled_round.sh
+# GPU measurements of BENCHMARKS.md, one phase per call on one GPU:
+#   bash benchmarks/compiled_round.sh compiled   # "The compiled general path"
+#   bash benchmarks/compiled_round.sh layers     # MeanFieldVI's layer estimators (TF32)
 # Needs the wheels of pyro-ppl and pyro-api in .whl/ on a machine without internet.
 # Results (JSON) go to $OUT (default ./bench-out).
 set -uo pipefail
@@ -15,9 +16,19 @@ fi
 export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 BENCH="python3 -m pyro_sp.cli bench"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+case "$1" in
+compiled)
 timeout 330 $BENCH gpu-single --model mlp --particles 8 32 64 --warmup 6 --steps 20 \
   --variants pyro pyro_sp_compiled pyro_sp_compiled_graphs pyro_sp_compiled_grouped pyro_sp_compiled_native fused \
   --out "$OUT/gpu_single_fp32.json" 2>&1 | grep -v -E "^INFO|USDT"
 timeout 240 $BENCH compiled --device cuda --programs small gmm vae \
   --variants pyro pyro_jit pyro_grouped pyro_sp_compiled pyro_sp_compiled_graphs pyro_sp_compiled_grouped \
   --out "$OUT/compiled_fp32.json" 2>&1 | grep -v -E "^INFO|USDT"
+;;
+layers)
+timeout 280 $BENCH gpu-single --model mlp --particles 8 32 64 --warmup 6 --steps 20 --tf32 \
+  --variants fused fused_analytic fused_local_reparam fused_flipout --out "$OUT/layers_mlp_tf32.json" 2>&1 | grep -v -E "^INFO|USDT"
+timeout 250 $BENCH gpu-single --model vit --particles 8 32 --warmup 6 --steps 20 --tf32 \
+  --variants fused_analytic fused_flipout --out "$OUT/layers_vit_tf32.json" 2>&1 | grep -v -E "^INFO|USDT"
+;;
+esac

@@ -16,6 +16,10 @@ Variants, all the same estimator (``Trace_ELBO``: one-sample KL, vectorized part
 ``fused``           the same, ``torch.compile``\\ d;
 ``fused_analytic``  compiled, closed-form KL (``kl="analytic"``: a lower-variance estimator);
 ``fused_split``     ``fused`` with ``split_compiled_graph=True`` (graph split at the gradient buckets);
+``fused_local_reparam``, ``fused_flipout``
+                    ``fused_analytic`` with ``estimator="local_reparam"`` / ``"flipout"``: lower-variance
+                    estimators of the same gradient (:mod:`pyro_sp.nn.layer_estimators`), not
+                    run unless named in ``--variants``;
 ``pyro_primitives``, ``pyro_sp_primitives``
                     ``pyro`` and ``pyro_sp`` on the MLP written with one ``pyro.sample`` per
                     weight and bias (:func:`pyro_sp.bench.cpu.bnn_model`, N(0, 1) priors,
@@ -61,7 +65,9 @@ DEFAULT_VARIANTS = ("pyro", "pyro_sp", "fused_eager", "fused", "fused_analytic",
 #: CUDA graphs on CUDA).
 COMPILED_VARIANTS = ("pyro_sp_compiled", "pyro_sp_compiled_graphs", "pyro_sp_compiled_grouped",
                      "pyro_sp_compiled_native")
-VARIANTS = DEFAULT_VARIANTS + ("pyro_primitives", "pyro_sp_primitives") + COMPILED_VARIANTS
+#: MeanFieldVI with a layer estimator (compiled, closed-form KL).
+LAYER_VARIANTS = ("fused_local_reparam", "fused_flipout")
+VARIANTS = DEFAULT_VARIANTS + ("pyro_primitives", "pyro_sp_primitives") + COMPILED_VARIANTS + LAYER_VARIANTS
 #: Steps recorded after the timed ones (``scaling``) for the collectives per step.
 RECORDED_STEPS = 3
 
@@ -118,9 +124,10 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
         return lambda: svi.step(x, y)
     if variant not in VARIANTS:
         raise ValueError(f"Expected a variant in {VARIANTS}, got {variant!r}.")
+    estimator = variant[len("fused_"):] if variant in LAYER_VARIANTS else "exact"
     vi = MeanFieldVI(
-        bnn, num_particles=num_particles, mesh=mesh, seed=0, init_scale=0.01,
-        kl="analytic" if variant == "fused_analytic" else "sample",
+        bnn, num_particles=num_particles, mesh=mesh, seed=0, init_scale=0.01, estimator=estimator,
+        kl="analytic" if variant in ("fused_analytic",) + LAYER_VARIANTS else "sample",
         compile=variant != "fused_eager", split_compiled_graph=variant == "fused_split",
     ).to(x.device)
     optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=1e-3)
