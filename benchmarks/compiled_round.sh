@@ -27,7 +27,7 @@ timeout 240 $BENCH compiled --device cuda --programs small gmm vae \
 ;;
 layers)
 timeout 280 $BENCH gpu-single --model mlp --particles 8 32 64 --warmup 6 --steps 20 --tf32 \
-  --variants fused fused_analytic fused_local_reparam fused_flipout --out "$OUT/layers_mlp_tf32.json" 2>&1 | grep -v -E "^INFO|USDT"
+  --variants fused fused_analytic fused_bf16 fused_local_reparam fused_flipout --out "$OUT/layers_mlp_tf32.json" 2>&1 | grep -v -E "^INFO|USDT"
 timeout 250 $BENCH gpu-single --model vit --particles 8 32 --warmup 6 --steps 20 --tf32 \
   --variants fused_analytic fused_flipout --out "$OUT/layers_vit_tf32.json" 2>&1 | grep -v -E "^INFO|USDT"
 ;;

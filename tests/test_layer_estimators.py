@@ -156,3 +156,4 @@ def test_local_reparam_draws_no_weights_and_shares_the_first_product():
         vi.loss_and_backward(x, y)
     assert (64, 6, 4) not in shapes and (64, 3, 6) not in shapes
     assert math.prod((64, 12, 6)) in {math.prod(s) for s in shapes}  # the drawn pre-activations
+

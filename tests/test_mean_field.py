@@ -535,3 +535,36 @@ def test_param_store_round_trip():
     medians = guide.median(x, y)
     assert_close(medians["net.2.weight"], vi.posterior.locs[0])
     assert_close(guide._get_loc_and_scale("net.2.bias")[1], torch.nn.functional.softplus(vi.posterior.rhos[1]))
+
+
+def _gradients_at(vi, x, y, noise):
+    params = [p for p in vi.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    loss = vi.loss_and_backward(x, y, noise=noise)
+    return loss.double(), torch.cat([p.grad.double().reshape(-1) for p in params])
+
+
+@pytest.mark.parametrize("precision, low, high", [("fp32", 0.0, 1e-5), ("bf16", 1e-4, 5e-2)])
+def test_precision_error_against_float64(precision, low, high):
+    # the same pinned noise in float64 (the reference) and in `precision`: bf16 is really
+    # bf16 (its error well above fp32's) and close (relative error of a few 1e-3)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (12,), generator=g)
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    bnn = BayesianModule(net, prior_scale=1.0)
+    ref = MeanFieldVI(bnn, num_particles=8, init_scale=0.3, seed=0, kl="sample").double()
+    g = torch.Generator().manual_seed(5)
+    noise = [torch.randn((8,) + loc.shape, generator=g, dtype=torch.float64) for loc in ref.posterior.locs]
+    ref_loss, ref_grad = _gradients_at(ref, x, y, noise)
+    vi = MeanFieldVI(bnn, num_particles=8, init_scale=0.3, seed=0, kl="sample", precision=precision).float()
+    vi.posterior.load_state_dict({k: v.float() for k, v in ref.posterior.state_dict().items()})
+    loss, grad = _gradients_at(vi, x.float(), y, [n.float() for n in noise])
+    loss_error = float(abs(loss - ref_loss) / abs(ref_loss))
+    grad_error = float((grad - ref_grad).norm() / ref_grad.norm())
+    assert low <= grad_error < high, grad_error
+    assert loss_error < high, loss_error
+    with pytest.raises(ValueError, match=r"Expected precision in \('fp32', 'bf16'\), got 'fp16'"):
+        MeanFieldVI(bnn, num_particles=2, precision="fp16")

@@ -16,6 +16,7 @@ Variants, all the same estimator (``Trace_ELBO``: one-sample KL, vectorized part
 ``fused``           the same, ``torch.compile``\\ d;
 ``fused_analytic``  compiled, closed-form KL (``kl="analytic"``: a lower-variance estimator);
 ``fused_split``     ``fused`` with ``split_compiled_graph=True`` (graph split at the gradient buckets);
+``fused_bf16``      ``fused_analytic`` with ``precision="bf16"``;
 ``fused_local_reparam``, ``fused_flipout``
                     ``fused_analytic`` with ``estimator="local_reparam"`` / ``"flipout"``: lower-variance
                     estimators of the same gradient (:mod:`pyro_sp.nn.layer_estimators`), not
@@ -67,7 +68,8 @@ COMPILED_VARIANTS = ("pyro_sp_compiled", "pyro_sp_compiled_graphs", "pyro_sp_com
                      "pyro_sp_compiled_native")
 #: MeanFieldVI with a layer estimator (compiled, closed-form KL).
 LAYER_VARIANTS = ("fused_local_reparam", "fused_flipout")
-VARIANTS = DEFAULT_VARIANTS + ("pyro_primitives", "pyro_sp_primitives") + COMPILED_VARIANTS + LAYER_VARIANTS
+VARIANTS = DEFAULT_VARIANTS + ("pyro_primitives", "pyro_sp_primitives") + COMPILED_VARIANTS + LAYER_VARIANTS + (
+    "fused_bf16",)
 #: Steps recorded after the timed ones (``scaling``) for the collectives per step.
 RECORDED_STEPS = 3
 
@@ -127,7 +129,8 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
     estimator = variant[len("fused_"):] if variant in LAYER_VARIANTS else "exact"
     vi = MeanFieldVI(
         bnn, num_particles=num_particles, mesh=mesh, seed=0, init_scale=0.01, estimator=estimator,
-        kl="analytic" if variant in ("fused_analytic",) + LAYER_VARIANTS else "sample",
+        kl="analytic" if variant in ("fused_analytic", "fused_bf16") + LAYER_VARIANTS else "sample",
+        precision="bf16" if variant == "fused_bf16" else "fp32",
         compile=variant != "fused_eager", split_compiled_graph=variant == "fused_split",
     ).to(x.device)
     optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=1e-3)
