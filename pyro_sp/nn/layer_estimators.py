@@ -90,14 +90,13 @@ class LayerEstimator(torch.nn.Module):
         if self.conv:
             self.stride, self.padding, self.dilation, self.groups = (layer.stride, layer.padding,
                                                                      layer.dilation, layer.groups)
-        shape = layer.weight.shape
-        # placeholders for functional_call (never read: every call passes its values)
-        self.register_buffer("weight", torch.empty(shape), persistent=False)
-        self.register_buffer("bias", None if layer.bias is None else torch.empty(layer.bias.shape), persistent=False)
-        self.register_buffer("weight_scale" if kind == "local_reparam" else "weight_delta", torch.empty(shape),
+        # empty placeholders for functional_call (never read: every call passes the values)
+        self.register_buffer("weight", torch.empty(0), persistent=False)
+        self.register_buffer("bias", None if layer.bias is None else torch.empty(0), persistent=False)
+        self.register_buffer("weight_scale" if kind == "local_reparam" else "weight_delta", torch.empty(0),
                              persistent=False)
         if kind == "local_reparam" and bayesian_bias:
-            self.register_buffer("bias_scale", torch.empty(layer.bias.shape), persistent=False)
+            self.register_buffer("bias_scale", torch.empty(0), persistent=False)
 
     def _product(self, x, weight, bias=None):
         if self.conv:
