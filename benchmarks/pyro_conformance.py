@@ -339,6 +339,7 @@ def run_swapped(test_file: str, world: int, args: argparse.Namespace) -> dict:
         **reference_key(test_file, args),
         "world": world,
         "swap": not args.no_swap,
+        "optim": args.optim,
         "collective_timeout": args.collective_timeout,
     }
     if args.resume and os.path.exists(key_path):
@@ -359,6 +360,8 @@ def run_swapped(test_file: str, world: int, args: argparse.Namespace) -> dict:
     }
     if args.no_swap:
         env_extra["PYRO_SP_CONFORMANCE_SWAP"] = "0"
+    if args.optim:
+        env_extra["PYRO_SP_CONFORMANCE_OPTIM"] = "1"
     run = run_pytest(
         cmd,
         cwd=args.pyro_src,
@@ -555,6 +558,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             "keep Pyro's classes in the torchrun runs too (a control: failures then come from the "
             "launch, not pyro_sp)"
         ),
+    )
+    p.add_argument(
+        "--optim", action="store_true",
+        help="also swap pyro.optim.Adam, AdamW and SGD for pyro_sp.optim's grouped optimizers",
     )
     p.add_argument(
         "--timeout-per-file", type=float, default=900, metavar="S",

@@ -14,7 +14,9 @@ module is imported it
    :mod:`pyro.infer` and in the ``pyro.*`` modules that define or export it,
    so ``from pyro.infer import Trace_ELBO`` in a test module gets the
    sampling-parallel estimator. ``PYRO_SP_CONFORMANCE_SWAP=0`` leaves Pyro's
-   classes in place (the reference run);
+   classes in place (the reference run). With ``PYRO_SP_CONFORMANCE_OPTIM=1`` it also
+   replaces ``pyro.optim.Adam``, ``AdamW`` and ``SGD`` by :mod:`pyro_sp.optim`'s grouped
+   optimizers (:data:`OPTIM_SWAPS`);
 3. before each test, seeds every RNG with :func:`pyro.set_rng_seed` from
    ``PYRO_SP_CONFORMANCE_SEED`` (default 0) and the test's node id, the same
    on every rank (pyro_sp's estimators require identically seeded ranks, and
@@ -65,6 +67,9 @@ SWAPS = {
     "RenyiELBO": "DistributedRenyiELBO",
     "TraceTailAdaptive_ELBO": "DistributedTraceTailAdaptive_ELBO",
 }
+
+#: Pyro optimizer -> its pyro_sp counterpart (``PYRO_SP_CONFORMANCE_OPTIM=1``).
+OPTIM_SWAPS = {"Adam": "Adam", "AdamW": "AdamW", "SGD": "SGD"}
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 _EXCERPT_CHARS = 2000
@@ -143,6 +148,26 @@ def swap_estimators() -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     return swapped, kept
 
 
+def swap_optimizers() -> dict[str, list[str]]:
+    """
+    Replace ``pyro.optim.Adam``, ``AdamW`` and ``SGD`` by :mod:`pyro_sp.optim`'s in every loaded
+    ``pyro.*`` module that binds them. :returns: for each name, the modules where it was replaced.
+    """
+    import pyro.optim
+
+    import pyro_sp.optim
+
+    swapped: dict[str, list[str]] = {}
+    for name, counterpart in OPTIM_SWAPS.items():
+        orig, repl = getattr(pyro.optim, name), getattr(pyro_sp.optim, counterpart)
+        for modname, module in sorted(sys.modules.items()):
+            if module is not None and (modname == "pyro" or modname.startswith("pyro.")) \
+                    and getattr(module, "__dict__", {}).get(name) is orig:
+                setattr(module, name, repl)
+                swapped.setdefault(f"optim.{name}", []).append(modname)
+    return swapped
+
+
 def test_seed(seed: int, nodeid: str) -> int:
     """The RNG seed of one test: independent of test order and selection, equal on every rank."""
     return (seed + zlib.crc32(nodeid.encode())) % (1 << 32)
@@ -164,6 +189,7 @@ class ConformanceRecorder:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.distributed = in_torchrun()
         self.swap = os.environ.get("PYRO_SP_CONFORMANCE_SWAP", "1") != "0"
+        self.swap_optim = os.environ.get("PYRO_SP_CONFORMANCE_OPTIM", "0") == "1"
         self.timeout_s = float(os.environ.get("PYRO_SP_CONFORMANCE_TIMEOUT", "60"))
         seed = os.environ.get("PYRO_SP_CONFORMANCE_SEED", "0")
         self.seed = None if seed.lower() == "none" else int(seed)
@@ -186,6 +212,8 @@ class ConformanceRecorder:
             self.mesh = repr(pyro_sp.init_mesh(timeout=datetime.timedelta(seconds=self.timeout_s)))
         if self.swap:
             self.swapped, self.kept = swap_estimators()
+            if self.swap_optim:
+                self.swapped.update(swap_optimizers())
         if self.out is not None:
             os.makedirs(self.out, exist_ok=True)
             self._stream = open(os.path.join(self.out, f"rank{self.rank}.jsonl"), "w")

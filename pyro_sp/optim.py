@@ -70,7 +70,9 @@ class GroupedOptim(PyroOptim):
                 "pyro.optim.PyroOptim."
             )
         super().__init__(optim_constructor, optim_args, clip_args)
-        self.optimizer: torch.optim.Optimizer | None = None  # the one torch optimizer
+        # the one torch optimizer (not named "optimizer": Pyro takes an object with that attribute
+        # for a learning-rate scheduler, pyro.optim.optim.is_scheduler)
+        self.torch_optimizer: torch.optim.Optimizer | None = None
         self._groups: dict = {}  # hyperparameters -> index of their group
         self._params: list[torch.Tensor] = []  # every parameter seen, in order
 
@@ -84,14 +86,14 @@ class GroupedOptim(PyroOptim):
             clip = self.grad_clip[p]
             if clip is not None:
                 clip(p)
-        if self.optimizer is None:
+        if self.torch_optimizer is None:
             return
         # Parameters not in this call keep their gradients out of the step (Pyro steps only these).
         hidden = [(p, p.grad) for p in self._params if p.grad is not None and id(p) not in stepped]
         for p, _ in hidden:
             p.grad = None
         try:
-            self.optimizer.step(*args, **kwargs)
+            self.torch_optimizer.step(*args, **kwargs)
         finally:
             for p, g in hidden:
                 p.grad = g
@@ -109,33 +111,33 @@ class GroupedOptim(PyroOptim):
             options = {k: v for k, v in single.param_groups[0].items() if k != "params"}
             state = single.state.get(p)
         key = _hashable(options)
-        if self.optimizer is None:
-            self.optimizer = self.pt_optim_constructor([p], **options)
+        if self.torch_optimizer is None:
+            self.torch_optimizer = self.pt_optim_constructor([p], **options)
             self._groups[key] = 0
         elif key in self._groups:
-            self.optimizer.param_groups[self._groups[key]]["params"].append(p)
+            self.torch_optimizer.param_groups[self._groups[key]]["params"].append(p)
         else:
-            self.optimizer.add_param_group({"params": [p], **options})
-            self._groups[key] = len(self.optimizer.param_groups) - 1
+            self.torch_optimizer.add_param_group({"params": [p], **options})
+            self._groups[key] = len(self.torch_optimizer.param_groups) - 1
         if state is not None:
-            self.optimizer.state[p] = state
-        self.optim_objs[p] = self.optimizer
+            self.torch_optimizer.state[p] = state
+        self.optim_objs[p] = self.torch_optimizer
         self.grad_clip[p] = self._get_grad_clip(p)
         self._params.append(p)
 
     def get_state(self) -> dict:
         """Pyro's format: ``{param name: the state_dict of a one-parameter optimizer}``."""
         out = {}
-        if self.optimizer is None:
+        if self.torch_optimizer is None:
             return out
         store = pyro.get_param_store()
-        for group in self.optimizer.param_groups:
+        for group in self.torch_optimizer.param_groups:
             options = {k: v for k, v in group.items() if k != "params"}
             for p in group["params"]:
                 name = store.param_name(p)
                 if name is None:
                     continue
-                state = self.optimizer.state.get(p)
+                state = self.torch_optimizer.state.get(p)
                 out[name] = {"state": {0: state} if state else {}, "param_groups": [{**options, "params": [0]}]}
         return out
 

@@ -75,17 +75,17 @@ def test_same_updates_as_pyro(pyro_optim, ours):
     assert params.keys() == expected.keys()
     for name in expected:
         assert torch.equal(params[name], expected[name]), name
-    assert len(optim.optimizer.param_groups) >= 1
+    assert len(optim.torch_optimizer.param_groups) >= 1
 
 
 def test_one_step_for_all_parameters():
     _, _, optim = _train(pyro_sp.optim.Adam({"lr": 0.03}), steps=3, pattern=(True,))
     calls = []
-    optim.optimizer.register_step_post_hook(lambda *a: calls.append(1))
+    optim.torch_optimizer.register_step_post_hook(lambda *a: calls.append(1))
     x, y = _data()
     SVI(model, guide, optim, loss=Trace_ELBO()).step(x, y, True)
     assert len(calls) == 1  # one step() for the six parameters (Pyro's wrapper: six)
-    assert sum(len(g["params"]) for g in optim.optimizer.param_groups) == 6
+    assert sum(len(g["params"]) for g in optim.torch_optimizer.param_groups) == 6
 
 
 def test_state_round_trips_with_pyro():
@@ -143,3 +143,11 @@ def test_refuses_a_non_elementwise_optimizer():
         pyro_sp.optim.GroupedOptim(pyro.optim.clipped_adam.ClippedAdam, {"lr": 0.1})
     with pytest.raises(TypeError, match="Expected an elementwise torch optimizer class"):
         pyro_sp.optim.GroupedOptim(torch.optim.LBFGS, {"lr": 0.1})
+
+
+def test_not_taken_for_a_scheduler():
+    # Pyro tells a learning-rate scheduler by an `optimizer` attribute
+    from pyro.optim.optim import is_scheduler
+
+    _, _, optim = _train(pyro_sp.optim.Adam({"lr": 0.03}), steps=1)
+    assert not is_scheduler(optim)
