@@ -18,13 +18,12 @@ coordinates), and the median seconds per gradient (CPU; a ratio, not an absolute
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
 import torch
 
+from pyro_sp.bench import write_result
 from pyro_sp.data import load_digits
 from pyro_sp.nn import BayesianModule, MeanFieldVI
 
@@ -103,9 +102,7 @@ def main(argv=None):
                   flush=True)
         out["networks"][name] = rows
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
+        write_result(args.out, out)
     return out
 
 

@@ -15,11 +15,10 @@ Predictions: 64 posterior draws, in fp32.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 
+from pyro_sp.bench import write_result
 from pyro_sp.data import load_digits
 from pyro_sp.nn import BayesianModule, MeanFieldVI
 from pyro_sp.uq import classification_report
@@ -96,9 +95,7 @@ def main(argv=None):
     result["step_error_vs_float64"] = step_error(trained["fp32"], net, num_data, data, args.particles)
     print(result["step_error_vs_float64"], flush=True)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_result(args.out, result)
     return result
 
 

@@ -27,7 +27,7 @@ import json
 import os
 import sys
 
-__all__ = ["SUITES", "format_result", "main"]
+__all__ = ["SUITES", "format_result", "main", "write_result"]
 
 #: suite name -> (module, its own suite name, launched with one process per rank)
 SUITES = {
@@ -94,6 +94,13 @@ def format_result(result: dict) -> str:
                       [[k, v, result["reduction_s"].get(k, "-")] for k, v in result["median_s"].items()])
     flat = {k: v for k, v in result.items() if isinstance(v, (int, float, str)) or k == "median_step_s"}
     return json.dumps(flat, indent=2)
+
+
+def write_result(path: str, result: dict) -> None:
+    """Write a suite's or script's ``result`` as indented JSON to ``path``, making its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(json.dumps(result, indent=2) + "\n")
 
 
 def main(argv: list[str]) -> int:

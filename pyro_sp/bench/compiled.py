@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import warnings
 
 import pyro
@@ -48,6 +47,7 @@ import torch._dynamo
 from pyro.infer import SVI, JitTrace_ELBO, JitTraceEnum_ELBO, Trace_ELBO, TraceEnum_ELBO
 
 import pyro_sp
+from pyro_sp.bench import write_result
 from pyro_sp.bench.programs import PROGRAMS, Program, build
 from pyro_sp.bench.timing import step_times, timed
 from pyro_sp.infer.compiled import CompileFallbackWarning
@@ -241,9 +241,7 @@ def run(argv=None, prog: str | None = None) -> dict:
     result.update(tiny=args.tiny, warmup=args.warmup, steps=args.steps, tf32=args.tf32, variants=list(args.variants))
     result["versions"] = {"torch": torch.__version__, "pyro": pyro.__version__, "pyro_sp": pyro_sp.__version__}
     if args.out and _rank() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_result(args.out, result)
     return result
 
 

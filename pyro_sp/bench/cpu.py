@@ -61,6 +61,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_sp
+from pyro_sp.bench import write_result
 from pyro_sp.bench.timing import collectives_per_step, step_times
 from pyro_sp.distributed.launch import start_module
 from pyro_sp.distributed.record import record_collectives
@@ -344,11 +345,8 @@ def run(argv=None, prog: str | None = None) -> dict:
     result = suites[args.suite](args)
     if result:
         result.setdefault("versions", {"torch": torch.__version__, "pyro": pyro.__version__, "pyro_sp": pyro_sp.__version__})
-        text = json.dumps(result, indent=2)
         if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                f.write(text + "\n")
+            write_result(args.out, result)
     return result
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 
 import pyro
 import torch
@@ -51,6 +50,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_sp
+from pyro_sp.bench import write_result
 from pyro_sp.bench.cpu import bnn_model
 from pyro_sp.bench.models import MLP_BATCH, MLP_SIZES, VIT_BATCH, ViTSmall, mlp, synthetic_data
 from pyro_sp.bench.timing import collectives_per_step, timed
@@ -297,9 +297,7 @@ def run(argv=None, prog: str | None = None) -> dict:
         result["tf32"] = args.tf32
         result["versions"] = {"torch": torch.__version__, "pyro": pyro.__version__, "pyro_sp": pyro_sp.__version__}
         if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2)
+            write_result(args.out, result)
     return result
 
 
