@@ -6,15 +6,9 @@
 # Needs the wheels of pyro-ppl and pyro-api in .whl/ on a machine without internet.
 # Results (JSON) go to $OUT (default ./bench-out).
 set -uo pipefail
-OUT=${OUT:-bench-out}
+source "$(dirname "$0")/gpu_env.sh"
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 BENCH="python3 -m pyro_sp.cli bench"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "$1" in

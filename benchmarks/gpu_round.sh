@@ -8,16 +8,8 @@
 # Needs the wheels of pyro-ppl, pyro-api and torch-blue in .whl/ on a machine without internet.
 # Results (JSON lines and JSON) go to $OUT (default ./bench-out).
 set -uo pipefail
-OUT=${OUT:-bench-out}
+source "$(dirname "$0")/gpu_env.sh"
 mkdir -p "$OUT/r"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-export PYTHONWARNINGS=ignore
 R=$OUT/r
 BENCH="python3 -m pyro_sp.cli bench"
 case "$1" in
