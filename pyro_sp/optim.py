@@ -74,7 +74,6 @@ class GroupedOptim(PyroOptim):
         # for a learning-rate scheduler, pyro.optim.optim.is_scheduler)
         self.torch_optimizer: torch.optim.Optimizer | None = None
         self._groups: dict = {}  # hyperparameters -> index of their group
-        self._params: list[torch.Tensor] = []  # every parameter seen, in order
 
     def __call__(self, params: Iterable[torch.Tensor], *args, **kwargs) -> None:
         """Step ``params`` (SVI passes this call's parameters) in one ``step()``."""
@@ -89,7 +88,8 @@ class GroupedOptim(PyroOptim):
         if self.torch_optimizer is None:
             return
         # Parameters not in this call keep their gradients out of the step (Pyro steps only these).
-        hidden = [(p, p.grad) for p in self._params if p.grad is not None and id(p) not in stepped]
+        hidden = [(p, p.grad) for group in self.torch_optimizer.param_groups for p in group["params"]
+                  if p.grad is not None and id(p) not in stepped]
         for p, _ in hidden:
             p.grad = None
         try:
@@ -123,7 +123,6 @@ class GroupedOptim(PyroOptim):
             self.torch_optimizer.state[p] = state
         self.optim_objs[p] = self.torch_optimizer
         self.grad_clip[p] = self._get_grad_clip(p)
-        self._params.append(p)
 
     def get_state(self) -> dict:
         """Pyro's format: ``{param name: the state_dict of a one-parameter optimizer}``."""

@@ -214,7 +214,7 @@ class BayesianModule(torch.nn.Module):
         def one_particle(params, _, args, kwargs):
             return functional_call(module, {**params, **fixed, **buffers}, args, kwargs)
 
-        particles = torch.empty((num if not samples else 0, 0))  # only its size is read, when samples is empty
+        particles = None if samples else torch.empty((num, 0))  # only its size is read
         return vmap(one_particle, in_dims=(0 if samples else None, None if samples else 0, None, None),
                     randomness=self.dropout)(samples, particles, args, kwargs or {})
 

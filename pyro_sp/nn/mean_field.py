@@ -54,6 +54,13 @@ class _Posterior(torch.nn.Module):
         # swapped (a plain attribute: it holds no values, every call passes them)
         self.layers = {} if estimator == "exact" else reparameterized_layers(bnn.module, self.names, estimator)
         object.__setattr__(self, "swapped", swap_layers(bnn.module, self.layers, estimator) if self.layers else None)
+        # Bayesian tensor name -> (its layer's prefix, "weight" or "bias"): the ones the layers take
+        self._layer_of = {}
+        for path, bayesian_bias in self.layers.items():
+            prefix = f"{path}." if path else ""
+            self._layer_of[f"{prefix}weight"] = (prefix, "weight")
+            if bayesian_bias and estimator == "local_reparam":
+                self._layer_of[f"{prefix}bias"] = (prefix, "bias")
         self.locs = torch.nn.ParameterList()
         self.rhos = torch.nn.ParameterList()
         self.fixed = torch.nn.ParameterList()
@@ -100,12 +107,7 @@ class _Posterior(torch.nn.Module):
         none; a layer's weight draw only if ``draws``, for the sampled KL), their ``eps``, and
         the outputs.
         """
-        layer_of = {}
-        for path, bayesian_bias in self.layers.items():
-            prefix = f"{path}." if path else ""
-            layer_of[f"{prefix}weight"] = (prefix, "weight")
-            if bayesian_bias and self.estimator == "local_reparam":
-                layer_of[f"{prefix}bias"] = (prefix, "bias")
+        layer_of = self._layer_of
         samples, fixed, values, noises = {}, dict(zip(self.bnn.deterministic_names, self.fixed)), [], []
         for n, loc, rho in zip(self.names, self.locs, self.rhos):
             scale = F.softplus(rho)
