@@ -1,0 +1,233 @@
+# SPDX-License-Identifier: Apache-2.0
+r"""
+Triton kernels of :mod:`pyro_sp.nn.regenerated_noise`: the products of a
+``Linear`` layer with :math:`N` sampled weights
+:math:`W_n = \mu + \sigma \odot \varepsilon_n`, where the standard normals
+:math:`\varepsilon_n` are drawn inside the kernels (Philox4x32, Box–Muller) from
+particle :math:`n`'s 64-bit seed and the element's position, never written to
+memory, and drawn again, identically, by the backward kernels.
+
+Element :math:`(o, k)` of :math:`\varepsilon_n` (weight shape ``(O, K)``) is lane
+``k % 4`` of the Philox block at counter ``o * ceil(K / 4) + k // 4`` under key
+``seeds[n]``: a function of the position alone, so every kernel, whatever its
+tiling, draws the same value. The generator is written here rather than taken
+from ``triton.language`` so that the noise of a seed does not change with
+Triton's version, and so that Triton's interpreter can run it.
+
+This file is executed by :func:`pyro_sp.nn.regenerated_noise.kernels` once per
+mode (compiled for CUDA, or Triton's interpreter for CPU tensors), so it defines
+nothing but kernels.
+"""
+
+import triton
+import triton.language as tl
+
+
+# Philox4x32 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC 2011):
+# its round multipliers and key increments
+_ROUND_A: tl.constexpr = 0xD2511F53
+_ROUND_B: tl.constexpr = 0xCD9E8D57
+_KEY_A: tl.constexpr = 0x9E3779B9
+_KEY_B: tl.constexpr = 0xBB67AE85
+
+
+@triton.jit
+def _philox(seed, counter, ROUNDS: tl.constexpr):
+    """The four 32-bit words of Philox4x32 for the 64-bit key ``seed`` and the counters
+    ``(counter, 0, 0, 0)``."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = counter.to(tl.uint32, bitcast=True)
+    c1 = c0 * 0
+    c2 = c0 * 0
+    c3 = c0 * 0
+    for _ in tl.static_range(ROUNDS):
+        p0 = c0
+        p2 = c2
+        c0 = tl.umulhi(_ROUND_B, p2) ^ c1 ^ k0
+        c2 = tl.umulhi(_ROUND_A, p0) ^ c3 ^ k1
+        c1 = p2 * _ROUND_B
+        c3 = p0 * _ROUND_A
+        k0 = k0 + _KEY_A
+        k1 = k1 + _KEY_B
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _uniform(word):
+    """A 32-bit word to a uniform number in [0, 1) (its 31 low bits, folded on the sign)."""
+    w = word.to(tl.int32, bitcast=True)
+    w = tl.where(w < 0, -w - 1, w)
+    return w.to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def _box_muller(w0, w1):
+    """Two independent standard normals from two words (Box–Muller)."""
+    u0 = tl.maximum(1.0e-7, _uniform(w0))
+    theta = 6.283185307179586 * _uniform(w1)
+    radius = tl.sqrt(-2.0 * tl.log(u0))
+    return radius * tl.cos(theta), radius * tl.sin(theta)
+
+
+@triton.jit
+def _noise(seed, offs_o, k0, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
+    """The ``[BO, BK]`` tile of :math:`\\varepsilon` at rows ``offs_o``, columns ``k0 + arange(BK)``
+    (``k0`` a multiple of 4)."""
+    blocks = k0 // 4 + tl.arange(0, BK // 4)
+    w0, w1, w2, w3 = _philox(seed, offs_o[:, None] * Kq + blocks[None, :], ROUNDS)
+    n0, n1 = _box_muller(w0, w1)
+    n2, n3 = _box_muller(w2, w3)
+    # lane l of block j is column 4 j + l
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (BO, BK))
+
+
+@triton.jit
+def _weight(loc, scale, seed, offs_o, k0, O, K, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
+    """The ``[BO, BK]`` tile of :math:`W = \\mu + \\sigma \\varepsilon` (zero outside ``(O, K)``)."""
+    offs_k = k0 + tl.arange(0, BK)
+    mask = (offs_o[:, None] < O) & (offs_k[None, :] < K)
+    where = offs_o[:, None] * K + offs_k[None, :]
+    mu = tl.load(loc + where, mask=mask, other=0.0)
+    sigma = tl.load(scale + where, mask=mask, other=0.0)
+    eps = _noise(seed, offs_o, k0, Kq, BO, BK, ROUNDS)
+    return mu + sigma * eps.to(mu.dtype)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` with the inputs in bf16 (``PRECISION="bf16"``) or in ``b``'s dtype, as
+    ``tl.dot``'s ``input_precision`` (``"ieee"``, ``"tf32"``)."""
+    if PRECISION == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    else:
+        return tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def forward_kernel(x, loc, scale, seeds, y, M, O, K, Kq, sxn, sxm, sxk, syn, sym, syo,
+                   BM: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr,
+                   PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """``y[n] = x[n] @ W_n.T`` for ``n = program_id(1)`` (``sxn = 0``: one input for all particles)."""
+    n = tl.program_id(1)
+    pid = tl.program_id(0)
+    num_m = (M + BM - 1) // BM
+    pm = pid % num_m  # the row blocks of one weight tile run side by side: the tile is read from L2
+    po = pid // num_m
+    seed = tl.load(seeds + n)
+    offs_m = pm * BM + tl.arange(0, BM)
+    offs_o = po * BO + tl.arange(0, BO)
+    acc = tl.full((BM, BO), 0, ACC)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        xt = tl.load(x + n * sxn + offs_m[:, None] * sxm + offs_k[None, :] * sxk,
+                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = _weight(loc, scale, seed, offs_o, k0, O, K, Kq, BO, BK, ROUNDS)
+        acc = _dot(xt, tl.trans(w), acc, PRECISION)
+    tl.store(y + n * syn + offs_m[:, None] * sym + offs_o[None, :] * syo, acc.to(y.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_o[None, :] < O))
+
+
+@triton.jit
+def grad_input_kernel(gy, loc, scale, seeds, gx, N, M, O, K, Kq, sgn, sgm, sgo, sxn, sxm, sxk,
+                      SUM_PARTICLES: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
+                      ROUNDS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """``gx[n] = gy[n] @ W_n`` for ``n = program_id(1)``, or, with ``SUM_PARTICLES`` (an input
+    shared by the particles), ``gx = sum_n gy[n] @ W_n``."""
+    pid = tl.program_id(0)
+    num_m = (M + BM - 1) // BM
+    pm = pid % num_m
+    pk = pid // num_m
+    offs_m = pm * BM + tl.arange(0, BM)
+    k0 = pk * BK
+    offs_k = k0 + tl.arange(0, BK)
+    if SUM_PARTICLES:
+        first = 0
+        last = N
+    else:
+        first = tl.program_id(1)
+        last = first + 1
+    acc = tl.full((BM, BK), 0, ACC)
+    for n in range(first, last):
+        seed = tl.load(seeds + n)
+        for o0 in range(0, O, BO):
+            offs_o = o0 + tl.arange(0, BO)
+            g = tl.load(gy + n * sgn + offs_m[:, None] * sgm + offs_o[None, :] * sgo,
+                        mask=(offs_m[:, None] < M) & (offs_o[None, :] < O), other=0.0)
+            w = _weight(loc, scale, seed, offs_o, k0, O, K, Kq, BO, BK, ROUNDS)
+            acc = _dot(g, w, acc, PRECISION)
+    tl.store(gx + first * sxn + offs_m[:, None] * sxm + offs_k[None, :] * sxk, acc.to(gx.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+@triton.jit
+def grad_weight_kernel(gy, x, seeds, gloc, gscale, N, M, O, K, Kq, sgn, sgm, sgo, sxn, sxm, sxk,
+                       PER_SPLIT, BO: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+                       ROUNDS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """Split ``s = program_id(1)``'s share of the particle sums
+    ``gloc[s] = sum_n gy[n].T @ x[n]`` and ``gscale[s] = sum_n (gy[n].T @ x[n]) * eps_n``
+    (each ``(O, K)``), for the particles ``s * PER_SPLIT ...`` (the splits are summed after)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_o = (O + BO - 1) // BO
+    po = pid % num_o
+    pk = pid // num_o
+    offs_o = po * BO + tl.arange(0, BO)
+    k0 = pk * BK
+    offs_k = k0 + tl.arange(0, BK)
+    g_loc = tl.full((BO, BK), 0, ACC)
+    g_scale = tl.full((BO, BK), 0, ACC)
+    first = split * PER_SPLIT
+    last = tl.minimum(first + PER_SPLIT, N)
+    for n in range(first, last):
+        d = tl.full((BO, BK), 0, ACC)
+        for m0 in range(0, M, BM):
+            offs_m = m0 + tl.arange(0, BM)
+            g = tl.load(gy + n * sgn + offs_m[:, None] * sgm + offs_o[None, :] * sgo,
+                        mask=(offs_m[:, None] < M) & (offs_o[None, :] < O), other=0.0)
+            xt = tl.load(x + n * sxn + offs_m[:, None] * sxm + offs_k[None, :] * sxk,
+                         mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            d = _dot(tl.trans(g), xt.to(g.dtype), d, PRECISION)
+        eps = _noise(tl.load(seeds + n), offs_o, k0, Kq, BO, BK, ROUNDS)
+        g_loc += d
+        g_scale += d * eps.to(d.dtype)
+    mask = (offs_o[:, None] < O) & (offs_k[None, :] < K)
+    where = split * O * K + offs_o[:, None] * K + offs_k[None, :]
+    tl.store(gloc + where, g_loc.to(gloc.dtype.element_ty), mask=mask)
+    tl.store(gscale + where, g_scale.to(gscale.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def noise_kernel(seeds, out, first, O, K, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
+    """``out[n] = eps_{first + n}`` (``(O, K)`` each), written: the reference the tests compare with."""
+    pid = tl.program_id(0)
+    n = tl.program_id(1)
+    num_o = (O + BO - 1) // BO
+    offs_o = (pid % num_o) * BO + tl.arange(0, BO)
+    k0 = (pid // num_o) * BK
+    offs_k = k0 + tl.arange(0, BK)
+    eps = _noise(tl.load(seeds + first + n), offs_o, k0, Kq, BO, BK, ROUNDS)
+    tl.store(out + n * O * K + offs_o[:, None] * K + offs_k[None, :], eps.to(out.dtype.element_ty),
+             mask=(offs_o[:, None] < O) & (offs_k[None, :] < K))
+
+
+@triton.jit
+def moments_kernel(seeds, m1, m2, N, O, K, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
+    """``m1 = sum_n eps_n`` and ``m2 = sum_n eps_n ** 2`` (``(O, K)``): all that the sampled
+    log-densities :math:`\\log p(W_n)`, :math:`\\log q(W_n)` need of the noise."""
+    pid = tl.program_id(0)
+    num_o = (O + BO - 1) // BO
+    offs_o = (pid % num_o) * BO + tl.arange(0, BO)
+    k0 = (pid // num_o) * BK
+    offs_k = k0 + tl.arange(0, BK)
+    s1 = tl.full((BO, BK), 0, m1.dtype.element_ty)
+    s2 = tl.full((BO, BK), 0, m1.dtype.element_ty)
+    for n in range(0, N):
+        eps = _noise(tl.load(seeds + n), offs_o, k0, Kq, BO, BK, ROUNDS).to(s1.dtype)
+        s1 += eps
+        s2 += eps * eps
+    mask = (offs_o[:, None] < O) & (offs_k[None, :] < K)
+    where = offs_o[:, None] * K + offs_k[None, :]
+    tl.store(m1 + where, s1, mask=mask)
+    tl.store(m2 + where, s2, mask=mask)

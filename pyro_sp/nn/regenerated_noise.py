@@ -1,0 +1,400 @@
+# SPDX-License-Identifier: Apache-2.0
+r"""
+The exact estimator's ``Linear`` layers with their weight noise drawn inside the
+matrix products and drawn again in backward, so that no particle-sized weight
+tensor is ever written: :class:`~pyro_sp.nn.MeanFieldVI` with
+``weight_noise="regenerated"``.
+
+A ``Linear`` layer whose weight has the guide
+:math:`q(W) = \mathcal N(\mu, \sigma^2)` computes, for particles
+:math:`n = 1 \dots N` with inputs :math:`x_n` of shape ``(M, K)``,
+
+.. math::
+
+    y_n = x_n W_n^\top, \qquad W_n = \mu + \sigma \odot \varepsilon_n,
+    \qquad \varepsilon_n \sim \mathcal N(0, I),
+
+and its backward pass needs, with :math:`G_n = \partial \mathcal L / \partial y_n`,
+
+.. math::
+
+    \frac{\partial \mathcal L}{\partial x_n} = G_n W_n, \qquad
+    \frac{\partial \mathcal L}{\partial \mu} = \sum_n G_n^\top x_n, \qquad
+    \frac{\partial \mathcal L}{\partial \sigma} = \sum_n (G_n^\top x_n) \odot \varepsilon_n .
+
+Stored, :math:`\varepsilon` and :math:`W` are :math:`2 N O K` numbers written
+and read several times a step (at :math:`N = 32` on a 3072→2048→2048→10 MLP,
+1.3 GB each). Here each kernel (:mod:`pyro_sp.nn._noise_kernels`) draws the
+tile of :math:`\varepsilon_n` it needs from particle :math:`n`'s 64-bit seed and
+the tile's position (Philox4x32-10, the generator of cuRAND and of PyTorch's
+CUDA tensors, and Box–Muller), forms :math:`W_n` in registers and multiplies;
+the weight-gradient kernel sums :math:`G_n^\top x_n` and its product with
+:math:`\varepsilon_n` over the particles without writing either. The same seed
+gives the same :math:`\varepsilon_n` in every kernel, so the gradients are those
+of the loss that was computed: the estimator is the exact one, with the noise
+from another generator. :func:`weight_noise` writes the noise of given seeds
+out, which is how the tests check this against the stored-noise step.
+
+The sampled KL (``kl="sample"``) needs of the noise only
+:math:`m_1 = \sum_n \varepsilon_n` and :math:`m_2 = \sum_n \varepsilon_n^2`
+(:func:`noise_moments`), since for a prior :math:`\mathcal N(0, s^2)`
+
+.. math::
+
+    \sum_n \log p(W_n) = -\frac{1}{2 s^2} \sum \big(N \mu^2 + 2 \mu \sigma m_1 + \sigma^2 m_2\big)
+        - N O K \log(\sqrt{2 \pi} s), \qquad
+    \sum_n \log q(W_n) = -\tfrac12 \sum m_2 - N \sum \log \sigma - N O K \log \sqrt{2 \pi}.
+
+The kernels are Triton's: compiled for CUDA tensors; CPU tensors run in
+Triton's interpreter (slow: for tests). Without Triton installed, using them
+raises an :class:`ImportError` that says how to install it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+
+import torch
+
+__all__ = ["RegeneratedNoiseLinear", "draw_seeds", "noise_linear", "noise_moments", "weight_noise"]
+
+#: Philox rounds (10: the Philox4x32-10 of Salmon et al. 2011, as cuRAND and PyTorch use).
+ROUNDS = 10
+_PRECISIONS = ("ieee", "tf32", "bf16")
+_KERNELS: dict[bool, object] = {}
+
+# tile sizes tried per kernel on CUDA (the autotuner keeps the fastest per shape), and the one
+# tile the interpreter runs
+_CUDA_TILES = {
+    "forward": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
+                (256, 64, 32, 8, 3), (128, 32, 64, 4, 4)],
+    "grad_input": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
+                   (256, 64, 32, 8, 3)],
+    "grad_weight": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (128, 128, 64, 8, 3),
+                    (32, 128, 64, 4, 4), (16, 128, 64, 4, 4)],
+}
+_NAMES = {"forward": ("BM", "BO", "BK"), "grad_input": ("BM", "BK", "BO"), "grad_weight": ("BO", "BK", "BM")}
+_KEYS = {"forward": ["M", "O", "K"], "grad_input": ["N", "M", "O", "K"], "grad_weight": ["N", "M", "O", "K"]}
+_INTERPRETER_TILE = (16, 16, 16)
+_NOISE_TILE = (32, 64)
+
+
+@contextlib.contextmanager
+def _interpreting(on: bool):
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    old_env, old_knob = os.environ.get("TRITON_INTERPRET"), None
+    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
+    if knobs is not None:
+        old_knob = knobs.runtime.interpret
+        knobs.runtime.interpret = on
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old_env
+        if knobs is not None:
+            knobs.runtime.interpret = old_knob
+
+
+class _Fixed:
+    """A kernel launched with one tile (the interpreter's), as an autotuned one is launched."""
+
+    def __init__(self, kernel, meta: dict) -> None:
+        self.kernel, self.meta = kernel, meta
+
+    def __getitem__(self, grid):
+        resolved = grid(self.meta) if callable(grid) else grid
+        return lambda *args, **kwargs: self.kernel[resolved](*args, **kwargs, **self.meta)
+
+
+def _index_scalars() -> None:
+    """Triton's interpreter holds a kernel's scalar arguments as one-element arrays and turns them
+    into loop bounds with ``int(array)``, which NumPy 2.4 refuses for arrays of one dimension; let it
+    take the element (once per process)."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_pyro_sp", False):
+        return
+
+    def patched(tensor):
+        patch(tensor)
+        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+
+    patched._pyro_sp = True
+    interpreter._patch_lang_tensor = patched
+
+
+def kernels(device: torch.device):
+    """The kernels for tensors on ``device``: compiled and autotuned for CUDA, interpreted otherwise."""
+    interpret = device.type != "cuda"
+    if interpret not in _KERNELS:
+        try:
+            import triton
+        except ImportError as e:  # pragma: no cover - triton is a test dependency
+            raise ImportError(
+                "weight_noise='regenerated' runs Triton kernels, but Triton is not installed. Install it "
+                "(`pip install triton`; CUDA builds of PyTorch ship with it) or use weight_noise='stored'."
+            ) from e
+        if interpret:
+            _index_scalars()
+        spec = importlib.util.find_spec("pyro_sp.nn._noise_kernels")
+        module = importlib.util.module_from_spec(spec)
+        with _interpreting(interpret):
+            spec.loader.exec_module(module)
+        for kind in ("forward", "grad_input", "grad_weight"):
+            kernel = getattr(module, f"{kind}_kernel")
+            if interpret:
+                launcher = _Fixed(kernel, dict(zip(_NAMES[kind], _INTERPRETER_TILE)))
+            else:
+                configs = [triton.Config(dict(zip(_NAMES[kind], tile[:3])), num_warps=tile[3], num_stages=tile[4])
+                           for tile in _CUDA_TILES[kind]]
+                launcher = triton.autotune(configs, key=_KEYS[kind])(kernel)
+            setattr(module, kind, launcher)
+        _KERNELS[interpret] = module
+    return _KERNELS[interpret]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _accumulator(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _precision(x: torch.Tensor, loc: torch.Tensor, requested: str) -> str:
+    if requested not in _PRECISIONS:
+        raise ValueError(f"Expected precision in {_PRECISIONS}, got {requested!r}.")
+    if torch.float64 in (x.dtype, loc.dtype):
+        return "ieee"
+    return requested
+
+
+def _check(x, loc, scale, seeds) -> None:
+    if loc.dim() != 2 or scale.shape != loc.shape:
+        raise ValueError(f"Expected a weight mean and scale of one shape (out, in), got {tuple(loc.shape)} "
+                         f"and {tuple(scale.shape)}.")
+    if seeds.dtype != torch.int64 or seeds.dim() != 1:
+        raise ValueError(f"Expected the particles' seeds as a 1-d int64 tensor, got {seeds.dtype} "
+                         f"{tuple(seeds.shape)}.")
+    if x.shape[-1] != loc.shape[1]:
+        raise ValueError(f"Expected inputs with {loc.shape[1]} features (the weight is {tuple(loc.shape)}), "
+                         f"got {tuple(x.shape)}.")
+    devices = {t.device for t in (x, loc, scale, seeds)}
+    if len(devices) != 1:
+        raise ValueError(f"Expected the inputs, weight and seeds on one device, got {sorted(map(str, devices))}.")
+
+
+def draw_seeds(num: int, device: torch.device) -> torch.Tensor:
+    """``num`` particles' 64-bit seeds, from the current random stream (one draw per layer and step)."""
+    return torch.randint(-(2**63), 2**63 - 1, (num,), dtype=torch.int64, device=device)
+
+
+# ---- the operators ------------------------------------------------------------------------------
+@torch.library.custom_op("pyro_sp::noise_linear", mutates_args=())
+def noise_linear(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, seeds: torch.Tensor, shared: bool,
+                 precision: str) -> torch.Tensor:
+    """
+    :math:`y_n = x_n (\\mu + \\sigma \\varepsilon_n)^\\top` for the particles' ``seeds`` ``(N,)``.
+
+    :param x: ``(N, M, K)``, or ``(M, K)`` with ``shared=True`` (one input for all particles).
+    :param loc: :math:`\\mu`, ``(O, K)``. :param scale: :math:`\\sigma`, ``(O, K)``.
+    :param str precision: the products' inputs: ``"ieee"`` (fp32), ``"tf32"`` or ``"bf16"``
+        (accumulated in fp32 either way).
+    :returns: ``(N, M, O)``, in ``x``'s dtype.
+    """
+    _check(x, loc, scale, seeds)
+    k = kernels(x.device)
+    loc, scale = loc.contiguous(), scale.contiguous()
+    N, (O, K), M = seeds.shape[0], loc.shape, x.shape[-2]
+    y = torch.empty((N, M, O), dtype=x.dtype, device=x.device)
+    if N == 0 or M == 0 or O == 0:
+        return y.zero_()
+    sxn = 0 if shared else x.stride(0)
+
+    def grid(meta):
+        return (_cdiv(M, meta["BM"]) * _cdiv(O, meta["BO"]), N)
+
+    k.forward[grid](x, loc, scale, seeds, y, M, O, K, _cdiv(K, 4), sxn, x.stride(-2), x.stride(-1),
+                    *y.stride(), ROUNDS=ROUNDS, PRECISION=_precision(x, loc, precision),
+                    ACC=_accumulator(x.dtype))
+    return y
+
+
+@noise_linear.register_fake
+def _(x, loc, scale, seeds, shared, precision):
+    return x.new_empty((seeds.shape[0], x.shape[-2], loc.shape[0]))
+
+
+@torch.library.custom_op("pyro_sp::noise_linear_backward", mutates_args=())
+def noise_linear_backward(gy: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                          seeds: torch.Tensor, shared: bool, precision: str,
+                          input_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`noise_linear` for the output gradient ``gy`` ``(N, M, O)``:
+    ``(grad x or an empty tensor if not input_grad, grad loc, grad scale)``."""
+    k = kernels(x.device)
+    loc, scale = loc.contiguous(), scale.contiguous()
+    N, (O, K), M = seeds.shape[0], loc.shape, x.shape[-2]
+    kq, precision, acc = _cdiv(K, 4), _precision(x, loc, precision), _accumulator(x.dtype)
+    sxn = 0 if shared else x.stride(0)
+    gx = torch.empty(0, dtype=x.dtype, device=x.device)
+    if input_grad:
+        gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        if N == 0 or M == 0 or O == 0:
+            gx.zero_()
+        else:
+            def grid(meta):
+                return (_cdiv(M, meta["BM"]) * _cdiv(K, meta["BK"]), 1 if shared else N)
+
+            k.grad_input[grid](gy, loc, scale, seeds, gx, N, M, O, K, kq, *gy.stride(),
+                               0 if shared else gx.stride(0), gx.stride(-2), gx.stride(-1),
+                               SUM_PARTICLES=shared, ROUNDS=ROUNDS, PRECISION=precision, ACC=acc)
+    # split the particle sum where the weight has too few tiles to fill the GPU (summed after,
+    # in a fixed order: the result does not depend on timing)
+    splits = 1
+    if x.device.type == "cuda":
+        tiles = _cdiv(O, 64) * _cdiv(K, 64)
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        splits = max(1, min(N, _cdiv(2 * sms, tiles)))
+    per_split = _cdiv(max(N, 1), splits)
+    splits = _cdiv(max(N, 1), per_split)
+    gloc = torch.zeros((splits, O, K), dtype=loc.dtype, device=x.device)
+    gscale = torch.zeros((splits, O, K), dtype=loc.dtype, device=x.device)
+    if N > 0 and M > 0 and O > 0:
+        def grid_w(meta):
+            return (_cdiv(O, meta["BO"]) * _cdiv(K, meta["BK"]), splits)
+
+        k.grad_weight[grid_w](gy, x, seeds, gloc, gscale, N, M, O, K, kq, *gy.stride(), sxn, x.stride(-2),
+                              x.stride(-1), per_split, ROUNDS=ROUNDS, PRECISION=precision, ACC=acc)
+    return gx, gloc.sum(0), gscale.sum(0)
+
+
+@noise_linear_backward.register_fake
+def _(gy, x, loc, scale, seeds, shared, precision, input_grad):
+    gx = x.new_empty(x.shape) if input_grad else x.new_empty(0)
+    return gx, loc.new_empty(loc.shape), scale.new_empty(scale.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, loc, scale, seeds, shared, precision = inputs
+    ctx.save_for_backward(x, loc, scale, seeds)
+    ctx.shared, ctx.precision = shared, precision
+
+
+def _backward(ctx, gy):
+    x, loc, scale, seeds = ctx.saved_tensors
+    input_grad = ctx.needs_input_grad[0]
+    gx, gloc, gscale = noise_linear_backward(gy, x, loc, scale, seeds, ctx.shared, ctx.precision, input_grad)
+    return (gx if input_grad else None), gloc, gscale, None, None, None
+
+
+noise_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("pyro_sp::noise_linear_particle", mutates_args=())
+def noise_linear_particle(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, seed: torch.Tensor,
+                          precision: str) -> torch.Tensor:
+    """One particle's :func:`noise_linear` (``x`` ``(..., K)``, ``seed`` 0-d): what a layer calls under
+    :func:`torch.func.vmap`, whose rule batches the particles into one :func:`noise_linear`."""
+    return noise_linear(x.reshape(1, -1, x.shape[-1]), loc, scale, seed.reshape(1), False,
+                        precision).reshape(*x.shape[:-1], loc.shape[0])
+
+
+@noise_linear_particle.register_fake
+def _(x, loc, scale, seed, precision):
+    return x.new_empty((*x.shape[:-1], loc.shape[0]))
+
+
+def _particles(info, in_dims, x, loc, scale, seed, precision):
+    x_dim, loc_dim, scale_dim, seed_dim, _ = in_dims
+    if loc_dim is not None or scale_dim is not None or seed_dim is None:
+        raise ValueError(
+            "Expected a layer with regenerated weight noise to be run by MeanFieldVI, under one vmap over "
+            "the particles with the seeds batched and the weight's mean and scale shared; got batched "
+            f"dimensions (input, mean, scale, seed) = {tuple(in_dims[:4])}."
+        )
+    seeds = seed.movedim(seed_dim, 0).reshape(-1)
+    num, features = seeds.shape[0], x.shape[-1]
+    if x_dim is None:  # the same input for every particle (the first layer)
+        y = noise_linear(x.reshape(-1, features), loc, scale, seeds, True, precision)
+        return y.reshape(num, *x.shape[:-1], loc.shape[0]), 0
+    x = x.movedim(x_dim, 0)
+    y = noise_linear(x.reshape(num, -1, features), loc, scale, seeds, False, precision)
+    return y.reshape(*x.shape[:-1], loc.shape[0]), 0
+
+
+noise_linear_particle.register_vmap(_particles)
+
+
+@torch.no_grad()
+def weight_noise(seeds: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The noise :math:`\\varepsilon_n` the kernels draw for ``seeds`` ``(N,)`` and a weight of
+    ``shape`` ``(O, K)``, written out: ``(N, O, K)``."""
+    O, K = shape
+    out = torch.empty((seeds.shape[0], O, K), dtype=dtype, device=seeds.device)
+    if out.numel():
+        bo, bk = _NOISE_TILE
+        kernels(seeds.device).noise_kernel[(_cdiv(O, bo) * _cdiv(K, bk), seeds.shape[0])](
+            seeds, out, 0, O, K, _cdiv(K, 4), BO=bo, BK=bk, ROUNDS=ROUNDS)
+    return out
+
+
+@torch.no_grad()
+def noise_moments(seeds: torch.Tensor, shape: tuple[int, int],
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """:math:`\\sum_n \\varepsilon_n` and :math:`\\sum_n \\varepsilon_n^2` (each ``shape``), drawn again
+    from ``seeds``, without writing the noise."""
+    O, K = shape
+    m1 = torch.zeros(shape, dtype=dtype, device=seeds.device)
+    m2 = torch.zeros(shape, dtype=dtype, device=seeds.device)
+    if m1.numel() and seeds.shape[0]:
+        bo, bk = _NOISE_TILE
+        kernels(seeds.device).moments_kernel[(_cdiv(O, bo) * _cdiv(K, bk),)](
+            seeds, m1, m2, seeds.shape[0], O, K, _cdiv(K, 4), BO=bo, BK=bk, ROUNDS=ROUNDS)
+    return m1, m2
+
+
+def sampled_log_densities(loc, scale, prior_scale: float, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+    """:math:`\\sum_n \\log p(W_n)` and :math:`\\sum_n \\log q(W_n)` for the weight draws of ``seeds``
+    (prior :math:`\\mathcal N(0, s^2)`), differentiable in ``loc`` and ``scale`` (module docstring)."""
+    m1, m2 = noise_moments(seeds, tuple(loc.shape), loc.dtype)
+    num, size = seeds.shape[0], loc.numel()
+    half_log_2pi = 0.5 * math.log(2 * math.pi)
+    log_p = -(num * loc**2 + 2 * loc * scale * m1 + scale**2 * m2).sum() / (2 * prior_scale**2) \
+        - num * size * (math.log(prior_scale) + half_log_2pi)
+    log_q = -0.5 * m2.sum() - num * scale.log().sum() - num * size * half_log_2pi
+    return log_p, log_q
+
+
+class RegeneratedNoiseLinear(torch.nn.Module):
+    """
+    A ``Linear`` whose Bayesian weight is drawn inside its products (:func:`noise_linear`). It holds
+    no values: :func:`torch.func.functional_call` passes them by name: ``weight`` the guide's mean,
+    ``weight_scale`` its scale, ``weight_seed`` the particle's seed (batched by the vmap over the
+    particles), ``bias`` a draw or a deterministic value.
+    """
+
+    def __init__(self, layer: torch.nn.Linear, bayesian_bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        for name in ("weight", "weight_scale", "weight_seed"):
+            self.register_buffer(name, torch.empty(0), persistent=False)
+        self.register_buffer("bias", None if layer.bias is None else torch.empty(0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        precision = "bf16" if (torch.is_autocast_enabled(device)
+                               and torch.get_autocast_dtype(device) == torch.bfloat16) else \
+            ("tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee")
+        y = noise_linear_particle(x, self.weight, self.weight_scale, self.weight_seed, precision)
+        return y if self.bias is None else y + self.bias
