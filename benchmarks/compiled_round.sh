@@ -3,6 +3,8 @@
 #   bash benchmarks/compiled_round.sh compiled   # "The compiled general path"
 #   bash benchmarks/compiled_round.sh layers     # MeanFieldVI's layer estimators (TF32)
 #   bash benchmarks/compiled_round.sh short      # the main rows of both, in one call under 5 minutes
+#   bash benchmarks/compiled_round.sh regenerated  # MeanFieldVI with regenerated weight noise (TF32), its
+#                                                  # device check, raw torch.compile and the bare products
 # Needs the wheels of pyro-ppl and pyro-api in .whl/ on a machine without internet.
 # Results (JSON) go to $OUT (default ./bench-out).
 set -uo pipefail
@@ -33,5 +35,15 @@ timeout 200 $BENCH gpu-single --model mlp --particles 8 32 64 --warmup 6 --steps
 timeout 90 $BENCH compiled --device cuda --programs small gmm vae \
   --variants pyro pyro_jit pyro_sp_compiled_grouped \
   --out "$OUT/compiled_fp32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/compiled.log"
+;;
+regenerated)
+timeout 100 python3 benchmarks/regenerated_check.py --particles 32 --out "$OUT/regenerated_check.json" 2>&1 | tail -5
+timeout 250 $BENCH gpu-single --model mlp --particles 8 32 64 --warmup 6 --steps 20 --tf32 \
+  --variants fused_analytic fused_regenerated fused_regenerated_eager fused_bf16 fused_regenerated_bf16 \
+  --out "$OUT/regenerated_mlp_tf32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/regenerated_mlp.log"
+timeout 90 python3 benchmarks/gpu_peers.py torch --tf32 --gemm --particles 8 32 64 --warmup 6 --steps 20 \
+  --out "$OUT/raw_torch_tf32.json" 2>&1 | tail -3
+timeout 150 $BENCH gpu-single --model vit --particles 8 32 --warmup 4 --steps 10 --tf32 \
+  --variants fused_analytic fused_regenerated --out "$OUT/regenerated_vit_tf32.json" 2>&1 | grep -v -E "^INFO|USDT"
 ;;
 esac

@@ -33,6 +33,7 @@ def torch_suite(args) -> dict:
     import torch.nn.functional as F
 
     device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(BATCH, SIZES[0], generator=g).to(device)
     y = torch.randint(0, SIZES[-1], (BATCH,), generator=g).to(device)
@@ -72,9 +73,36 @@ def torch_suite(args) -> dict:
         row = {"particles": n}
         for name, fn in (("raw_torch_eager", loss_fn), ("raw_torch_compile", compiled)):
             row[name] = timed(functools.partial(step, fn, n), warmup=args.warmup, steps=args.steps, device=device)
+        if args.gemm:
+            for dtype in (torch.float32, torch.bfloat16):
+                row[f"gemm_bound_{'bf16' if dtype == torch.bfloat16 else 'fp32'}"] = timed(
+                    gemm_bound(n, device, dtype), warmup=args.warmup, steps=args.steps, device=device)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    return {"suite": "raw_torch", "device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    return {"suite": "raw_torch", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "tf32": args.tf32, "rows": rows}
+
+
+def gemm_bound(n: int, device, dtype):
+    """The step's own matrix products and nothing else: per layer, the forward ``x W`` and both
+    backward products (``g W^T``, ``x^T g``) of ``n`` independent weight sets, no sampling, no
+    elementwise work (the first layer's input gradient included, as a network inside would need it).
+    What any exact estimator's step costs at least."""
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    tensors = []
+    for a, b in zip(SIZES[:-1], SIZES[1:]):
+        x, w, gy = (torch.randn(s, generator=g).to(device, dtype) for s in ((n, BATCH, a), (n, a, b), (n, BATCH, b)))
+        tensors.append((x, w, gy))
+
+    def step():
+        for x, w, gy in tensors:
+            torch.bmm(x, w)
+            torch.bmm(gy, w.transpose(1, 2))
+            torch.bmm(x.transpose(1, 2), gy)
+
+    return step
 
 
 def pmap_of_vmap(fn, keys):
@@ -156,6 +184,8 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--pmap", action="store_true", help="numpyro: particles over all local GPUs (pmap of vmap)")
     p.add_argument("--out", default=None)
+    p.add_argument("--tf32", action="store_true", help="torch: TF32 matmuls (default: full fp32)")
+    p.add_argument("--gemm", action="store_true", help="torch: also time the step's bare matrix products")
     args = p.parse_args()
     result = torch_suite(args) if args.suite == "torch" else numpyro_suite(args)
     if args.out:

@@ -17,6 +17,11 @@ Variants, all the same estimator (``Trace_ELBO``: one-sample KL, vectorized part
 ``fused_analytic``  compiled, closed-form KL (``kl="analytic"``: a lower-variance estimator);
 ``fused_split``     ``fused`` with ``split_compiled_graph=True`` (graph split at the gradient buckets);
 ``fused_bf16``      ``fused_analytic`` with ``precision="bf16"``;
+``fused_regenerated``, ``fused_regenerated_bf16``, ``fused_regenerated_eager``
+                    ``fused_analytic`` (``fused_bf16``; ``fused_analytic`` not compiled) with
+                    ``weight_noise="regenerated"``: the same estimator, the Linear layers' weight noise
+                    drawn inside Triton kernels (:mod:`pyro_sp.nn.regenerated_noise`); not run unless
+                    named in ``--variants``;
 ``fused_local_reparam``, ``fused_flipout``
                     ``fused_analytic`` with ``estimator="local_reparam"`` / ``"flipout"``: lower-variance
                     estimators of the same gradient (:mod:`pyro_sp.nn.layer_estimators`), not
@@ -68,8 +73,10 @@ COMPILED_VARIANTS = ("pyro_sp_compiled", "pyro_sp_compiled_graphs", "pyro_sp_com
                      "pyro_sp_compiled_native")
 #: MeanFieldVI with a layer estimator (compiled, closed-form KL).
 LAYER_VARIANTS = ("fused_local_reparam", "fused_flipout")
+#: MeanFieldVI with the Linear layers' weight noise drawn inside Triton kernels (closed-form KL).
+REGENERATED_VARIANTS = ("fused_regenerated", "fused_regenerated_bf16", "fused_regenerated_eager")
 VARIANTS = DEFAULT_VARIANTS + ("pyro_primitives", "pyro_sp_primitives") + COMPILED_VARIANTS + LAYER_VARIANTS + (
-    "fused_bf16",)
+    "fused_bf16",) + REGENERATED_VARIANTS
 #: Steps recorded after the timed ones (``scaling``) for the collectives per step.
 RECORDED_STEPS = 3
 
@@ -129,9 +136,11 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
     estimator = variant[len("fused_"):] if variant in LAYER_VARIANTS else "exact"
     vi = MeanFieldVI(
         bnn, num_particles=num_particles, mesh=mesh, seed=0, init_scale=0.01, estimator=estimator,
-        kl="analytic" if variant in ("fused_analytic", "fused_bf16") + LAYER_VARIANTS else "sample",
-        precision="bf16" if variant == "fused_bf16" else "fp32",
-        compile=variant != "fused_eager", split_compiled_graph=variant == "fused_split",
+        kl="analytic" if variant in ("fused_analytic", "fused_bf16") + LAYER_VARIANTS + REGENERATED_VARIANTS
+        else "sample",
+        precision="bf16" if variant.endswith("bf16") else "fp32",
+        weight_noise="regenerated" if variant in REGENERATED_VARIANTS else "stored",
+        compile=not variant.endswith("eager"), split_compiled_graph=variant == "fused_split",
     ).to(x.device)
     optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=1e-3)
     return lambda: vi.step(optim, x, y)

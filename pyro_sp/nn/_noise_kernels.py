@@ -98,9 +98,14 @@ def _weight(loc, scale, seed, offs_o, k0, O, K, Kq, BO: tl.constexpr, BK: tl.con
 @triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr):
     """``acc + a @ b`` with the inputs in bf16 (``PRECISION="bf16"``) or in ``b``'s dtype, as
-    ``tl.dot``'s ``input_precision`` (``"ieee"``, ``"tf32"``)."""
+    ``tl.dot``'s ``input_precision`` (``"ieee"``, ``"tf32"``). ``"bf16_emulated"``: the inputs
+    rounded to bf16 and multiplied in fp32, the same numbers (a product of two bf16 values is exact
+    in fp32), for Triton's interpreter, which cannot multiply bf16."""
     if PRECISION == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif PRECISION == "bf16_emulated":
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), acc,
+                      input_precision="ieee")
     else:
         return tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
 

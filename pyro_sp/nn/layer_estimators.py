@@ -135,6 +135,8 @@ def reparameterized_layers(module: torch.nn.Module, bayesian: list[str], kind: s
     The layers estimator ``kind`` evaluates: ``{layer path: whether its bias is Bayesian}``
     for every ``Linear`` (and, for Flipout, ``Conv2d`` with ``padding_mode="zeros"``) of
     ``module`` whose weight is in ``bayesian``; the others' weights are drawn as usual.
+    (``kind="regenerated"``: the ``Linear`` layers whose weight noise the exact estimator
+    draws inside its kernels, :mod:`pyro_sp.nn.regenerated_noise`.)
     """
     chosen = set(bayesian)
     out = {}
@@ -148,12 +150,14 @@ def reparameterized_layers(module: torch.nn.Module, bayesian: list[str], kind: s
     return out
 
 
-def swap_layers(module: torch.nn.Module, layers: dict[str, bool], kind: str) -> torch.nn.Module:
-    """A copy of ``module`` whose ``layers`` (:func:`reparameterized_layers`) are :class:`LayerEstimator`\\ s."""
+def swap_layers(module: torch.nn.Module, layers: dict[str, bool], make) -> torch.nn.Module:
+    """A copy of ``module`` whose ``layers`` (:func:`reparameterized_layers`) are replaced by
+    ``make(layer, bayesian_bias)``: a :class:`LayerEstimator`, or the exact estimator's
+    :class:`~pyro_sp.nn.regenerated_noise.RegeneratedNoiseLinear`."""
     out = copy.deepcopy(module)
     for path, bayesian_bias in layers.items():
         original = out.get_submodule(path)
-        replacement = LayerEstimator(original, kind, bayesian_bias)
+        replacement = make(original, bayesian_bias)
         if not path:
             return replacement
         parent, _, name = path.rpartition(".")

@@ -22,8 +22,9 @@ from pyro_sp.distributed.record import recorded
 from pyro_sp.distributed.streams import RNGStream, stream_seed
 
 from .bayesian_module import BayesianModule
-from .layer_estimators import ESTIMATORS, reparameterized_layers, swap_layers
+from .layer_estimators import ESTIMATORS, LayerEstimator, reparameterized_layers, swap_layers
 from .likelihoods import LogLikelihood, log_likelihood
+from .regenerated_noise import RegeneratedNoiseLinear, draw_seeds, sampled_log_densities
 
 __all__ = ["MeanFieldVI"]
 
@@ -31,6 +32,7 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 _KL = ("analytic", "sample")
 _CHECK = ("first", "always")
 _PRECISIONS = ("fp32", "bf16")
+_WEIGHT_NOISE = ("stored", "regenerated")
 
 
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -44,16 +46,23 @@ class _Posterior(torch.nn.Module):
     gradient buckets are summed while the backward pass is still running.
     """
 
-    def __init__(self, bnn: BayesianModule, init_scale: float, init_loc: str, estimator: str = "exact") -> None:
+    def __init__(self, bnn: BayesianModule, init_scale: float, init_loc: str, estimator: str = "exact",
+                 weight_noise: str = "stored") -> None:
         super().__init__()
         self.bnn = bnn
         named = dict(bnn.module.named_parameters())
         self.names = list(bnn.bayesian_names)
         self.estimator = estimator
-        # the layers the estimator evaluates (none for "exact"), and the network with those layers
-        # swapped (a plain attribute: it holds no values, every call passes them)
-        self.layers = {} if estimator == "exact" else reparameterized_layers(bnn.module, self.names, estimator)
-        object.__setattr__(self, "swapped", swap_layers(bnn.module, self.layers, estimator) if self.layers else None)
+        self.regenerated = estimator == "exact" and weight_noise == "regenerated"
+        # the layers the estimator evaluates (none for "exact" with stored noise), and the network
+        # with those layers swapped (a plain attribute: it holds no values, every call passes them)
+        if self.regenerated:
+            self.layers = reparameterized_layers(bnn.module, self.names, "regenerated")
+            make = RegeneratedNoiseLinear
+        else:
+            self.layers = {} if estimator == "exact" else reparameterized_layers(bnn.module, self.names, estimator)
+            make = lambda layer, bayesian_bias: LayerEstimator(layer, estimator, bayesian_bias)  # noqa: E731
+        object.__setattr__(self, "swapped", swap_layers(bnn.module, self.layers, make) if self.layers else None)
         # Bayesian tensor name -> (its layer's prefix, "weight" or "bias"): the ones the layers take
         self._layer_of = {}
         for path, bayesian_bias in self.layers.items():
@@ -129,6 +138,32 @@ class _Posterior(torch.nn.Module):
         out = self.bnn.functional_forward(samples, fixed, args, {}, module=self.swapped, num=num)
         return values, noises, out
 
+    def regenerated_outputs(self, num: int, args, noise) -> tuple[list, list, torch.Tensor]:
+        """
+        The outputs of ``num`` particles with the ``Linear`` weights' noise drawn inside their
+        kernels (:mod:`~pyro_sp.nn.regenerated_noise`): those weights get the guide's mean and scale
+        and one seed per particle; every other Bayesian tensor is drawn as usual. Returns the draws
+        (``None`` for the regenerated weights), their noise (the seeds for those), and the outputs.
+        """
+        samples, fixed = {}, dict(zip(self.bnn.deterministic_names, self.fixed))
+        values, noises = [], []
+        for i, (n, loc, rho) in enumerate(zip(self.names, self.locs, self.rhos)):
+            given = None if noise is None else noise[i]
+            if n in self._layer_of:
+                prefix, _ = self._layer_of[n]
+                seeds = draw_seeds(num, loc.device) if given is None else given
+                fixed[n], fixed[f"{prefix}weight_scale"] = loc, F.softplus(rho)
+                samples[f"{prefix}weight_seed"] = seeds
+                values.append(None)
+                noises.append(seeds)
+                continue
+            eps = torch.randn((num,) + loc.shape, dtype=loc.dtype, device=loc.device) if given is None else given
+            samples[n] = loc + eps * F.softplus(rho)
+            values.append(samples[n])
+            noises.append(eps)
+        out = self.bnn.functional_forward(samples, fixed, args, {}, module=self.swapped, num=num)
+        return values, noises, out
+
     def forward(self, x, y, num: int, weight: float, ll_scale: float, kl: str, loglik, noise=None,
                 precision: str = "fp32"):
         # bf16: the network's products (and the draws they read, which inductor fuses into
@@ -136,7 +171,9 @@ class _Posterior(torch.nn.Module):
         # accumulation into the fp32 parameters stay in fp32
         low = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
         with low:
-            if self.estimator == "exact":
+            if self.regenerated:
+                values, noises, out = self.regenerated_outputs(num, (x,), noise)
+            elif self.estimator == "exact":
                 values, noises = self.sample(num, noise)
                 out = self.outputs(values, (x,), {})
             else:
@@ -160,7 +197,11 @@ class _Posterior(torch.nn.Module):
                 kl_sum = kl_sum + 0.5 * (ratio + (loc / s) ** 2 - 1 - ratio.log()).sum()
             total = total + num * kl_sum
         else:
-            for value, eps, rho, s in zip(values, noises, self.rhos, self.prior_scales):
+            for value, eps, loc, rho, s in zip(values, noises, self.locs, self.rhos, self.prior_scales):
+                if value is None:  # a regenerated weight: eps holds its seeds
+                    log_p_sum, log_q_sum = sampled_log_densities(loc, F.softplus(rho), s, eps)
+                    total = total - log_p_sum + log_q_sum
+                    continue
                 # log q at the reparameterized point: (z - loc) / scale is eps, so
                 # log q = -eps^2 / 2 - log scale - log sqrt(2 pi), Pyro's value to rounding; its
                 # score-function gradient, zero in expectation and zero up to rounding in Pyro, is
@@ -239,6 +280,15 @@ class MeanFieldVI(torch.nn.Module):
         log-densities, KL, gradients and parameters stay in fp32. Faster on GPUs with
         bf16 matrix units, at a few percent relative error in the gradients and under 1e-3
         in the loss (measured on digits: README); :meth:`predict` runs in fp32.
+    :param str weight_noise: ``"stored"`` (the default: every weight draw is a tensor,
+        written and kept for backward) or ``"regenerated"`` (the exact estimator only): the
+        ``Linear`` layers' weight noise is drawn inside Triton kernels from one seed per
+        particle and layer and drawn again in backward
+        (:mod:`pyro_sp.nn.regenerated_noise`), so no particle-sized weight tensor is
+        written; the other Bayesian tensors are drawn as usual. The same estimator, from
+        another random generator: with the same noise (the seeds' noise written out),
+        loss and gradients equal the stored-noise step's (tested in float64). Needs
+        Triton; CPU tensors run in Triton's interpreter (for tests, slow).
     :param float init_scale: initial guide scale (as ``AutoNormal(init_scale=...)``).
     :param str init_loc: ``"module"``: guide means start at the network's own
         initial values (a trainable start); ``"zeros"``: at zero.
@@ -276,6 +326,7 @@ class MeanFieldVI(torch.nn.Module):
         kl: str = "analytic",
         estimator: str = "exact",
         precision: str = "fp32",
+        weight_noise: str = "stored",
         init_scale: float = 0.01,
         init_loc: str = "module",
         mesh: SPMesh | None = None,
@@ -312,6 +363,13 @@ class MeanFieldVI(torch.nn.Module):
                 "reparameterization draws pre-activations, not weights, so there is no weight draw to "
                 "evaluate the sampled KL at. Pass kl='analytic', or estimator='flipout'."
             )
+        if weight_noise not in _WEIGHT_NOISE:
+            raise ValueError(f"Expected weight_noise in {_WEIGHT_NOISE}, got {weight_noise!r}.")
+        if weight_noise == "regenerated" and estimator != "exact":
+            raise ValueError(
+                f"Expected estimator='exact' with weight_noise='regenerated', got estimator={estimator!r}: "
+                "the regenerated noise is the exact estimator's weight draws, made inside the kernels."
+            )
         if estimator != "exact" and bnn.dropout != "different":
             raise ValueError(
                 f"Expected a BayesianModule with dropout='different' for estimator={estimator!r}, got "
@@ -335,7 +393,13 @@ class MeanFieldVI(torch.nn.Module):
         self.check = check
         self.estimator = estimator
         self.precision = precision
-        self.posterior = _Posterior(bnn, init_scale, init_loc, estimator)
+        self.weight_noise = weight_noise
+        self.posterior = _Posterior(bnn, init_scale, init_loc, estimator, weight_noise)
+        if weight_noise == "regenerated" and not self.posterior.layers:
+            raise ValueError(
+                f"Expected a Linear layer with a Bayesian weight for weight_noise='regenerated', got none "
+                f"among the Bayesian tensors {bnn.bayesian_names}. Use weight_noise='stored'."
+            )
         if estimator != "exact" and not self.posterior.layers:
             raise ValueError(
                 f"Expected a Linear{' or Conv2d' if estimator == 'flipout' else ''} layer with a Bayesian "
@@ -356,7 +420,7 @@ class MeanFieldVI(torch.nn.Module):
                 likelihood, "__qualname__", type(likelihood).__qualname__)
             layout = {
                 "num_particles": num_particles, "num_data": num_data, "kl": kl, "estimator": estimator,
-                "precision": precision, "likelihood": likelihood_name,
+                "precision": precision, "weight_noise": weight_noise, "likelihood": likelihood_name,
                 "noise_scale": noise_scale, "mesh": (self.mesh.sample, self.mesh.data),
                 "gradient_sync": gradient_sync,
                 "parameters": list(zip(bnn.bayesian_names + bnn.deterministic_names, shapes)),
@@ -466,8 +530,9 @@ class MeanFieldVI(torch.nn.Module):
 
         :param noise: this rank's standard-normal draws, one tensor of shape
             ``(num_local, *shape)`` per Bayesian tensor in
-            ``bnn.bayesian_names`` order (for tests); default: drawn from
-            this rank's stream.
+            ``bnn.bayesian_names`` order (for tests; with ``weight_noise="regenerated"``,
+            the regenerated weights' entries are ``(num_local,)`` int64 seeds); default:
+            drawn from this rank's stream.
         :returns: the global loss (a 0-d tensor, the same on every rank,
             reduced without blocking the host: read it when you log).
         """

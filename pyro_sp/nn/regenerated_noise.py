@@ -177,6 +177,8 @@ def _precision(x: torch.Tensor, loc: torch.Tensor, requested: str) -> str:
         raise ValueError(f"Expected precision in {_PRECISIONS}, got {requested!r}.")
     if torch.float64 in (x.dtype, loc.dtype):
         return "ieee"
+    if requested == "bf16" and x.device.type != "cuda":
+        return "bf16_emulated"
     return requested
 
 
@@ -349,14 +351,18 @@ def weight_noise(seeds: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype
     return out
 
 
-@torch.no_grad()
 def noise_moments(seeds: torch.Tensor, shape: tuple[int, int],
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """:math:`\\sum_n \\varepsilon_n` and :math:`\\sum_n \\varepsilon_n^2` (each ``shape``), drawn again
     from ``seeds``, without writing the noise."""
-    O, K = shape
-    m1 = torch.zeros(shape, dtype=dtype, device=seeds.device)
-    m2 = torch.zeros(shape, dtype=dtype, device=seeds.device)
+    return _noise_moments(seeds, torch.empty(shape, dtype=dtype, device=seeds.device))
+
+
+@torch.library.custom_op("pyro_sp::noise_moments", mutates_args=())
+def _noise_moments(seeds: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    (O, K), dtype = like.shape, like.dtype
+    m1 = torch.zeros((O, K), dtype=dtype, device=seeds.device)
+    m2 = torch.zeros((O, K), dtype=dtype, device=seeds.device)
     if m1.numel() and seeds.shape[0]:
         bo, bk = _NOISE_TILE
         kernels(seeds.device).moments_kernel[(_cdiv(O, bo) * _cdiv(K, bk),)](
@@ -364,10 +370,15 @@ def noise_moments(seeds: torch.Tensor, shape: tuple[int, int],
     return m1, m2
 
 
+@_noise_moments.register_fake
+def _(seeds, like):
+    return like.new_empty(like.shape), like.new_empty(like.shape)
+
+
 def sampled_log_densities(loc, scale, prior_scale: float, seeds) -> tuple[torch.Tensor, torch.Tensor]:
     """:math:`\\sum_n \\log p(W_n)` and :math:`\\sum_n \\log q(W_n)` for the weight draws of ``seeds``
     (prior :math:`\\mathcal N(0, s^2)`), differentiable in ``loc`` and ``scale`` (module docstring)."""
-    m1, m2 = noise_moments(seeds, tuple(loc.shape), loc.dtype)
+    m1, m2 = _noise_moments(seeds, loc.detach())
     num, size = seeds.shape[0], loc.numel()
     half_log_2pi = 0.5 * math.log(2 * math.pi)
     log_p = -(num * loc**2 + 2 * loc * scale * m1 + scale**2 * m2).sum() / (2 * prior_scale**2) \
@@ -395,6 +406,7 @@ class RegeneratedNoiseLinear(torch.nn.Module):
         device = x.device.type
         precision = "bf16" if (torch.is_autocast_enabled(device)
                                and torch.get_autocast_dtype(device) == torch.bfloat16) else \
-            ("tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee")
+            ("tf32" if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
+             else "ieee")
         y = noise_linear_particle(x, self.weight, self.weight_scale, self.weight_seed, precision)
         return y if self.bias is None else y + self.bias

@@ -1,0 +1,204 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Regenerated weight noise (pyro_sp.nn.regenerated_noise): the kernels' products and
+gradients equal eager PyTorch's on the noise of the same seeds, written out (float64,
+Triton's interpreter on the CPU); the noise is standard normal, the same in every kernel
+whatever its tiling; MeanFieldVI(weight_noise="regenerated") equals the stored-noise step
+(itself tested against Pyro's) given the same noise, compiled equals eager, and with real
+noise its loss has the same mean as Pyro's Trace_ELBO."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+
+from pyro_sp.nn import BayesianModule, MeanFieldVI, last_layer  # noqa: E402
+from pyro_sp.nn import regenerated_noise as rn  # noqa: E402
+from tests.common import assert_close  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def _reference(x, loc, scale, seeds, shared):
+    eps = rn.weight_noise(seeds, tuple(loc.shape), loc.dtype)
+    return torch.einsum("mk,nok->nmo" if shared else "nmk,nok->nmo", x, loc + scale * eps)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("shape", [(3, 9, 10, 21), (2, 17, 33, 16), (1, 1, 5, 3), (4, 20, 16, 40)])
+def test_products_and_gradients_equal_eager_on_the_same_noise(shape, shared):
+    N, M, O, K = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    loc = torch.randn(O, K, dtype=torch.float64, generator=g).requires_grad_()
+    scale = torch.rand(O, K, dtype=torch.float64, generator=g).requires_grad_()
+    x = torch.randn((M, K) if shared else (N, M, K), dtype=torch.float64, generator=g).requires_grad_()
+    seeds = torch.randint(-(2**63), 2**63 - 1, (N,), dtype=torch.int64, generator=g)
+    y = rn.noise_linear(x, loc, scale, seeds, shared, "ieee")
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    grads = torch.autograd.grad(y, (x, loc, scale), gy)
+    ref = _reference(x, loc, scale, seeds, shared)
+    ref_grads = torch.autograd.grad(ref, (x, loc, scale), gy)
+    assert_close(y, ref, msg="product")
+    for name, a, b in zip(("input", "loc", "scale"), grads, ref_grads):
+        assert_close(a, b, msg=f"gradient of the {name}")
+
+
+def test_noise_is_a_function_of_seed_and_position():
+    seeds = torch.tensor([7, 8, 7], dtype=torch.int64)
+    eps = rn.weight_noise(seeds, (5, 9))
+    assert torch.equal(eps[0], eps[2])
+    assert not torch.equal(eps[0], eps[1])
+    # a bigger weight holds the smaller one's noise where the counters agree (same row length)
+    wider = rn.weight_noise(seeds[:1], (7, 9))
+    assert torch.equal(wider[0, :5], eps[0])
+    m1, m2 = rn.noise_moments(seeds, (5, 9), torch.float64)
+    assert_close(m1, eps.double().sum(0), rtol=1e-6, atol=1e-6)
+    assert_close(m2, (eps.double() ** 2).sum(0), rtol=1e-6, atol=1e-6)
+
+
+def test_noise_is_standard_normal_and_independent():
+    stats = pytest.importorskip("scipy.stats")
+    eps = rn.weight_noise(rn.draw_seeds(16, CPU), (64, 64)).double()  # 65,536 draws
+    flat = eps.flatten()
+    assert stats.kstest(flat.numpy(), "norm").pvalue > 1e-3
+    n = flat.numel()
+    assert abs(flat.mean()) < 5 / math.sqrt(n)
+    assert abs(flat.var() - 1) < 5 * math.sqrt(2 / n)
+    # the four lanes of one Philox block, neighbouring rows, particles: uncorrelated
+    for a, b in ((eps[..., 0::4], eps[..., 1::4]), (eps[..., 2::4], eps[..., 3::4]),
+                 (eps[:, :-1], eps[:, 1:]), (eps[:-1], eps[1:])):
+        r = torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1]
+        assert abs(r) < 5 / math.sqrt(a.numel()), float(r)
+
+
+def test_bf16_products_are_close_to_float64():
+    g = torch.Generator().manual_seed(0)
+    loc, scale = torch.randn(24, 40, generator=g), torch.rand(24, 40, generator=g)
+    x, seeds = torch.randn(3, 16, 40, generator=g), torch.randint(0, 2**62, (3,), generator=g)
+    low = rn.noise_linear(x, loc, scale, seeds, False, "bf16")
+    exact = _reference(x.double(), loc.double(), scale.double(), seeds, False)
+    err = (low.double() - exact).norm() / exact.norm()
+    assert 1e-5 < err < 2e-2, float(err)  # rounded (not silently fp32), to bf16's precision
+
+
+def test_errors_say_what_was_expected():
+    loc, scale, x = torch.zeros(3, 4), torch.ones(3, 4), torch.zeros(2, 5, 4)
+    seeds = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="int64"):
+        rn.noise_linear(x, loc, scale, seeds.float(), False, "ieee")
+    with pytest.raises(ValueError, match="4 features"):
+        rn.noise_linear(torch.zeros(2, 5, 3), loc, scale, seeds, False, "ieee")
+    with pytest.raises(ValueError, match="precision"):
+        rn.noise_linear(x, loc, scale, seeds, False, "fp8")
+    with pytest.raises(ValueError, match="shared"):
+        torch.func.vmap(rn.noise_linear_particle, in_dims=(0, 0, None, 0, None))(
+            x, torch.zeros(2, 3, 4), scale, seeds, "ieee")
+
+
+# ---- MeanFieldVI ----------------------------------------------------------------------------------
+NUM_DATA, BATCH = 40, 8
+
+
+def _bnn(bayesian: str) -> BayesianModule:
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    return BayesianModule(net, prior_scale="fan_in", bayesian=last_layer(net) if bayesian == "last" else None)
+
+
+def _data():
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(BATCH, 4, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
+
+
+def _step(vi, noise):
+    x, y = _data()
+    optim = torch.optim.SGD(vi.parameters(), lr=0.0)
+    loss = vi.step(optim, x, y, noise=noise)
+    return float(loss), [p.grad.clone() for p in vi.parameters() if p.requires_grad]
+
+
+def _noises(vi: MeanFieldVI, num: int, seed: int):
+    """The regenerated run's noise (seeds for its Linear weights, draws for the rest) and the
+    same noise written out for the stored run."""
+    torch.manual_seed(seed)
+    posterior, regenerated, stored = vi.posterior, [], []
+    for name, loc in zip(posterior.names, posterior.locs):
+        if name in posterior._layer_of:
+            seeds = rn.draw_seeds(num, CPU)
+            regenerated.append(seeds)
+            stored.append(rn.weight_noise(seeds, tuple(loc.shape), loc.dtype))
+        else:
+            eps = torch.randn((num,) + loc.shape)
+            regenerated.append(eps)
+            stored.append(eps)
+    return regenerated, stored
+
+
+@pytest.mark.parametrize("kl", ["analytic", "sample"])
+@pytest.mark.parametrize("bayesian", ["all", "last"])
+def test_mean_field_step_equals_stored_noise_step(kl, bayesian):
+    torch.set_default_dtype(torch.float64)
+    kwargs = dict(num_particles=5, num_data=NUM_DATA, kl=kl, init_scale=0.1)
+    fast = MeanFieldVI(_bnn(bayesian), weight_noise="regenerated", **kwargs)
+    slow = MeanFieldVI(_bnn(bayesian), **kwargs)
+    assert set(fast.posterior._layer_of) == {n for n in fast.posterior.names if n.endswith("weight")}
+    regenerated, stored = _noises(fast, 5, seed=3)
+    loss, grads = _step(fast, regenerated)
+    ref_loss, ref_grads = _step(slow, stored)
+    assert_close(loss, ref_loss, msg="loss")
+    assert len(grads) == len(ref_grads)
+    for a, b in zip(grads, ref_grads):
+        assert_close(a, b, msg="gradient")
+
+
+# dynamo reads .grad of the scales (non-leaf tensors) that the traced vmap closes over
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
+def test_compiled_equals_eager():
+    torch.set_default_dtype(torch.float64)
+    results = []
+    for compile_ in (False, True):
+        vi = MeanFieldVI(_bnn("all"), num_particles=4, num_data=NUM_DATA, kl="sample",
+                         weight_noise="regenerated", compile=compile_)
+        results.append(_step(vi, _noises(vi, 4, seed=4)[0]))
+    assert_close(results[1][0], results[0][0], msg="loss")
+    for a, b in zip(results[1][1], results[0][1]):
+        assert_close(a, b, msg="gradient")
+
+
+def test_real_noise_loss_has_the_stored_estimators_mean():
+    """The same estimator from another generator: over many draws, the mean losses agree."""
+    x, y = _data()
+    losses = {}
+    for weight_noise in ("stored", "regenerated"):
+        vi = MeanFieldVI(_bnn("all"), num_particles=2, num_data=NUM_DATA, kl="sample", init_scale=0.3,
+                         weight_noise=weight_noise, seed=5)
+        losses[weight_noise] = torch.tensor([vi.loss(x, y) for _ in range(60)], dtype=torch.float64)
+    a, b = losses["stored"], losses["regenerated"]
+    z = (a.mean() - b.mean()) / torch.sqrt(a.var() / len(a) + b.var() / len(b))
+    assert abs(z) < 4, float(z)
+    assert 0.5 < b.std() / a.std() < 2
+
+
+def test_steps_are_reproducible_and_train():
+    x, y = _data()
+    runs = []
+    for _ in range(2):
+        vi = MeanFieldVI(_bnn("all"), num_particles=3, num_data=NUM_DATA, weight_noise="regenerated", seed=0)
+        optim = torch.optim.Adam(vi.parameters(), lr=0.05)
+        runs.append([float(vi.step(optim, x, y)) for _ in range(8)])
+    assert runs[0] == runs[1]
+    assert runs[0][-1] < runs[0][0]
+
+
+def test_mean_field_argument_errors():
+    with pytest.raises(ValueError, match="weight_noise in"):
+        MeanFieldVI(_bnn("all"), num_particles=2, weight_noise="fused")
+    with pytest.raises(ValueError, match="estimator='exact'"):
+        MeanFieldVI(_bnn("all"), num_particles=2, estimator="flipout", weight_noise="regenerated")
+    biases_only = BayesianModule(nn.Linear(4, 3), bayesian=lambda name, value: name == "bias")
+    with pytest.raises(ValueError, match="Linear layer with a Bayesian weight"):
+        MeanFieldVI(biases_only, num_particles=2, weight_noise="regenerated")
