@@ -39,7 +39,7 @@ timeout 90 $BENCH compiled --device cuda --programs small gmm vae \
 regenerated)
 timeout 100 python3 benchmarks/regenerated_check.py --particles 32 --out "$OUT/regenerated_check.json" 2>&1 | tail -5
 timeout 250 $BENCH gpu-single --model mlp --particles 8 32 64 --warmup 6 --steps 20 --tf32 \
-  --variants fused_analytic fused_regenerated fused_regenerated_eager fused_bf16 fused_regenerated_bf16 \
+  --variants fused_analytic fused_regenerated fused_bf16 fused_regenerated_bf16 \
   --out "$OUT/regenerated_mlp_tf32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/regenerated_mlp.log"
 timeout 90 python3 benchmarks/gpu_peers.py torch --tf32 --gemm --particles 8 32 64 --warmup 6 --steps 20 \
   --out "$OUT/raw_torch_tf32.json" 2>&1 | tail -3

@@ -25,10 +25,10 @@ import triton.language as tl
 
 # Philox4x32 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC 2011):
 # its round multipliers and key increments
-_ROUND_A: tl.constexpr = 0xD2511F53
-_ROUND_B: tl.constexpr = 0xCD9E8D57
-_KEY_A: tl.constexpr = 0x9E3779B9
-_KEY_B: tl.constexpr = 0xBB67AE85
+_ROUND_A = tl.constexpr(0xD2511F53)
+_ROUND_B = tl.constexpr(0xCD9E8D57)
+_KEY_A = tl.constexpr(0x9E3779B9)
+_KEY_B = tl.constexpr(0xBB67AE85)
 
 
 @triton.jit

@@ -69,11 +69,11 @@ _KERNELS: dict[bool, object] = {}
 # tile sizes tried per kernel on CUDA (the autotuner keeps the fastest per shape), and the one
 # tile the interpreter runs
 _CUDA_TILES = {
-    "forward": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
+    "forward": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 2),
                 (256, 64, 32, 8, 3), (128, 32, 64, 4, 4)],
-    "grad_input": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
+    "grad_input": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 2),
                    (256, 64, 32, 8, 3)],
-    "grad_weight": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (128, 128, 64, 8, 3),
+    "grad_weight": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (128, 128, 64, 8, 2),
                     (32, 128, 64, 4, 4), (16, 128, 64, 4, 4)],
 }
 _NAMES = {"forward": ("BM", "BO", "BK"), "grad_input": ("BM", "BK", "BO"), "grad_weight": ("BO", "BK", "BM")}
@@ -270,14 +270,20 @@ def noise_linear_backward(gy: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, 
         splits = max(1, min(N, _cdiv(2 * sms, tiles)))
     per_split = _cdiv(max(N, 1), splits)
     splits = _cdiv(max(N, 1), per_split)
-    gloc = torch.zeros((splits, O, K), dtype=loc.dtype, device=x.device)
-    gscale = torch.zeros((splits, O, K), dtype=loc.dtype, device=x.device)
-    if N > 0 and M > 0 and O > 0:
+    # every split writes its whole (O, K) share, zeros where it has no particle
+    shape = (splits, O, K) if splits > 1 else (O, K)
+    gloc = torch.empty(shape, dtype=loc.dtype, device=x.device)
+    gscale = torch.empty(shape, dtype=loc.dtype, device=x.device)
+    if N == 0 or M == 0 or O == 0:
+        gloc.zero_(), gscale.zero_()
+    else:
         def grid_w(meta):
             return (_cdiv(O, meta["BO"]) * _cdiv(K, meta["BK"]), splits)
 
         k.grad_weight[grid_w](gy, x, seeds, gloc, gscale, N, M, O, K, kq, *gy.stride(), sxn, x.stride(-2),
                               x.stride(-1), per_split, ROUNDS=ROUNDS, PRECISION=precision, ACC=acc)
+    if splits == 1:
+        return gx, gloc, gscale
     return gx, gloc.sum(0), gscale.sum(0)
 
 
