@@ -67,7 +67,7 @@ import torch
 from pyro import poutine
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from pyro_sp.distributed.streams import active_stream, get_global_state, set_global_state
 
