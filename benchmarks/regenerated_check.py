@@ -4,7 +4,9 @@ against eager float64 PyTorch on the same noise (the seeds' noise written out), 
 Bayesian MLP's layer shapes (3072-2048-2048-10, batch 256): the relative error
 (Frobenius norm) of the product and of the three gradients, per input precision. Also the
 noise the compiled kernels draw against the noise Triton's interpreter draws on the CPU
-for the same seeds. Not a test: writes JSON.
+for the same seeds. Then the time of each kernel on those shapes (CUDA events, median of 20),
+next to the bare ``torch.bmm`` products they replace, and the time to draw the noise alone
+(the moments kernel: N O K normals drawn, 2 O K numbers written). Not a test: writes JSON.
 
     python benchmarks/regenerated_check.py --particles 32 --out regenerated_check.json
 """
@@ -54,6 +56,39 @@ def layer_errors(n: int, k: int, o: int, shared: bool, device) -> dict:
     return out
 
 
+def _median_ms(fn, repeats: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def layer_times(n: int, k: int, o: int, shared: bool, device, precision: str) -> dict:
+    """Milliseconds per call of the three kernels and of the noise alone, and of the bmm products."""
+    loc = torch.zeros(o, k, device=device)
+    scale = torch.full((o, k), 0.01, device=device)
+    x = torch.randn((BATCH, k) if shared else (n, BATCH, k), device=device)
+    seeds = torch.arange(n, dtype=torch.int64, device=device)
+    gy = torch.randn(n, BATCH, o, device=device)
+    xb = x.expand(n, BATCH, k) if shared else x
+    w = torch.randn(n, o, k, device=device)
+    return {
+        "forward": _median_ms(lambda: rn.noise_linear(x, loc, scale, seeds, shared, precision)),
+        "backward": _median_ms(lambda: rn.noise_linear_backward(gy, x, loc, scale, seeds, shared, precision,
+                                                                not shared)),
+        "noise_moments": _median_ms(lambda: rn.noise_moments(seeds, (o, k))),
+        "bmm_forward": _median_ms(lambda: torch.bmm(xb, w.transpose(1, 2))),
+        "bmm_backward": _median_ms(lambda: (torch.bmm(gy, w), torch.bmm(gy.transpose(1, 2), xb))),
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--particles", type=int, default=32)
@@ -70,8 +105,13 @@ def main():
     noise = {"max_abs_difference_gpu_vs_interpreter": float((on_gpu - on_cpu).abs().max()),
              "max_abs_noise": float(on_cpu.abs().max())}
     print(noise, flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    times = {precision: [layer_times(args.particles, k, o, i == 0, device, precision)
+                         for i, (k, o) in enumerate(zip(SIZES[:-1], SIZES[1:]))]
+             for precision in ("tf32", "bf16")}
+    print(times, flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": layers,
-              "noise": noise}
+              "noise": noise, "times_ms": times}
     if args.out:
         write_result(args.out, result)
 

@@ -29,7 +29,7 @@ def _reference(x, loc, scale, seeds, shared):
 
 
 @pytest.mark.parametrize("shared", [False, True])
-@pytest.mark.parametrize("shape", [(3, 9, 10, 21), (1, 1, 5, 3), (4, 20, 33, 40)])
+@pytest.mark.parametrize("shape", [(3, 9, 10, 21), (1, 1, 5, 3), (4, 12, 20, 36)])
 def test_products_and_gradients_equal_eager_on_the_same_noise(shape, shared):
     N, M, O, K = shape
     g = torch.Generator().manual_seed(sum(shape))
@@ -176,7 +176,7 @@ def test_real_noise_loss_has_the_stored_estimators_mean():
     for weight_noise in ("stored", "regenerated"):
         vi = MeanFieldVI(_bnn("all"), num_particles=2, num_data=NUM_DATA, kl="sample", init_scale=0.3,
                          weight_noise=weight_noise, seed=5)
-        losses[weight_noise] = torch.tensor([vi.loss(x, y) for _ in range(40)], dtype=torch.float64)
+        losses[weight_noise] = torch.tensor([vi.loss(x, y) for _ in range(30)], dtype=torch.float64)
     a, b = losses["stored"], losses["regenerated"]
     z = (a.mean() - b.mean()) / torch.sqrt(a.var() / len(a) + b.var() / len(b))
     assert abs(z) < 4, float(z)
@@ -187,9 +187,9 @@ def test_steps_are_reproducible_and_train():
     x, y = _data()
     runs = []
     for _ in range(2):
-        vi = MeanFieldVI(_bnn("all"), num_particles=3, num_data=NUM_DATA, weight_noise="regenerated", seed=0)
+        vi = MeanFieldVI(_bnn("all"), num_particles=2, num_data=NUM_DATA, weight_noise="regenerated", seed=0)
         optim = torch.optim.Adam(vi.parameters(), lr=0.05)
-        runs.append([float(vi.step(optim, x, y)) for _ in range(8)])
+        runs.append([float(vi.step(optim, x, y)) for _ in range(6)])
     assert runs[0] == runs[1]
     assert runs[0][-1] < runs[0][0]
 
