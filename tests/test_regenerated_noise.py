@@ -276,3 +276,12 @@ def test_kernels_compile_for_hopper(name, precision):
     source = ASTSource(kernel, signature, constexprs={(names.index(n),): v for n, v in constants.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
     assert compiled.asm.get("cubin")
+
+
+def test_missing_triton_is_an_import_error_at_construction(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if Triton were not installed
+    with pytest.raises(ImportError, match="pip install triton"):
+        MeanFieldVI(_bnn("all"), num_particles=2, weight_noise="regenerated")
+    MeanFieldVI(_bnn("all"), num_particles=2)  # the stored noise needs no Triton

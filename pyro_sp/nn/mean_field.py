@@ -365,6 +365,10 @@ class MeanFieldVI(torch.nn.Module):
             )
         if weight_noise not in _WEIGHT_NOISE:
             raise ValueError(f"Expected weight_noise in {_WEIGHT_NOISE}, got {weight_noise!r}.")
+        if weight_noise == "regenerated":
+            from .regenerated_noise import require_triton
+
+            require_triton()
         if weight_noise == "regenerated" and estimator != "exact":
             raise ValueError(
                 f"Expected estimator='exact' with weight_noise='regenerated', got estimator={estimator!r}: "

@@ -132,17 +132,24 @@ def _index_scalars() -> None:
     interpreter._patch_lang_tensor = patched
 
 
+def require_triton() -> None:
+    """Raise an :class:`ImportError` that says how to install Triton where it cannot be imported."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "weight_noise='regenerated' runs Triton kernels, but Triton is not installed. Install it "
+            "(`pip install triton`; CUDA builds of PyTorch ship with it) or use weight_noise='stored'."
+        ) from e
+
+
 def kernels(device: torch.device):
     """The kernels for tensors on ``device``: compiled and autotuned for CUDA, interpreted otherwise."""
     interpret = device.type != "cuda"
     if interpret not in _KERNELS:
-        try:
-            import triton
-        except ImportError as e:  # pragma: no cover - triton is a test dependency
-            raise ImportError(
-                "weight_noise='regenerated' runs Triton kernels, but Triton is not installed. Install it "
-                "(`pip install triton`; CUDA builds of PyTorch ship with it) or use weight_noise='stored'."
-            ) from e
+        require_triton()
+        import triton
+
         if interpret:
             _index_scalars()
         spec = importlib.util.find_spec("pyro_sp.nn._noise_kernels")
