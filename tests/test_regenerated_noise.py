@@ -95,6 +95,9 @@ def test_errors_say_what_was_expected():
         rn.noise_linear(torch.zeros(2, 5, 3), loc, scale, seeds, False, "ieee")
     with pytest.raises(ValueError, match="precision"):
         rn.noise_linear(x, loc, scale, seeds, False, "fp8")
+    with pytest.raises(ValueError, match="2\\*\\*31"):  # 32-bit offsets: refused, not overflowed
+        rn.noise_linear(torch.zeros(1, 1, 4).expand(2**20, 2**10, 4), loc, scale, torch.zeros(2**20, dtype=torch.int64), False,
+                        "ieee")
     with pytest.raises(ValueError, match="shared"):
         torch.func.vmap(rn.noise_linear_particle, in_dims=(0, 0, None, 0, None))(
             x, torch.zeros(2, 3, 4), scale, seeds, "ieee")

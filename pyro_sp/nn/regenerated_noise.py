@@ -199,6 +199,16 @@ def _check(x, loc, scale, seeds) -> None:
     if x.shape[-1] != loc.shape[1]:
         raise ValueError(f"Expected inputs with {loc.shape[1]} features (the weight is {tuple(loc.shape)}), "
                          f"got {tuple(x.shape)}.")
+    num, rows = seeds.shape[0], x.numel() // max(x.shape[-1], 1)
+    sizes = {"the weight": loc.numel(), "the inputs": x.numel() if x.dim() == 3 else num * x.numel(),
+             "the outputs": num * rows * loc.shape[0]}
+    large = {k: v for k, v in sizes.items() if v >= 2**31}
+    if large:
+        raise ValueError(
+            f"Expected fewer than 2**31 elements per tensor of a regenerated-noise layer (the kernels index "
+            f"with 32-bit offsets), got {large}. Use fewer particles per rank (a larger sample axis) or "
+            "a smaller batch, or weight_noise='stored'."
+        )
     devices = {t.device for t in (x, loc, scale, seeds)}
     if len(devices) != 1:
         raise ValueError(f"Expected the inputs, weight and seeds on one device, got {sorted(map(str, devices))}.")
