@@ -96,6 +96,17 @@ def _weight(loc, scale, seed, offs_o, k0, O, K, Kq, BO: tl.constexpr, BK: tl.con
 
 
 @triton.jit
+def _tile(R, BR: tl.constexpr, BC: tl.constexpr):
+    """This program's tile of a grid of ``[BR, BC]`` tiles over ``R`` rows, the row blocks fastest (the
+    row blocks of one column block run side by side, reading what they share from L2): its row
+    offsets, its first column and its column offsets."""
+    pid = tl.program_id(0)
+    num_r = (R + BR - 1) // BR
+    c0 = (pid // num_r) * BC
+    return (pid % num_r) * BR + tl.arange(0, BR), c0, c0 + tl.arange(0, BC)
+
+
+@triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr):
     """``acc + a @ b`` with the inputs in bf16 (``PRECISION="bf16"``) or in ``b``'s dtype, as
     ``tl.dot``'s ``input_precision`` (``"ieee"``, ``"tf32"``). ``"bf16_emulated"``: the inputs
@@ -116,13 +127,8 @@ def forward_kernel(x, loc, scale, seeds, y, M, O, K, Kq, sxn, sxm, sxk, syn, sym
                    PRECISION: tl.constexpr, ACC: tl.constexpr):
     """``y[n] = x[n] @ W_n.T`` for ``n = program_id(1)`` (``sxn = 0``: one input for all particles)."""
     n = tl.program_id(1)
-    pid = tl.program_id(0)
-    num_m = (M + BM - 1) // BM
-    pm = pid % num_m  # the row blocks of one weight tile run side by side: the tile is read from L2
-    po = pid // num_m
+    offs_m, _, offs_o = _tile(M, BM, BO)
     seed = tl.load(seeds + n)
-    offs_m = pm * BM + tl.arange(0, BM)
-    offs_o = po * BO + tl.arange(0, BO)
     acc = tl.full((BM, BO), 0, ACC)
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
@@ -140,13 +146,7 @@ def grad_input_kernel(gy, loc, scale, seeds, gx, N, M, O, K, Kq, sgn, sgm, sgo, 
                       ROUNDS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """``gx[n] = gy[n] @ W_n`` for ``n = program_id(1)``, or, with ``SUM_PARTICLES`` (an input
     shared by the particles), ``gx = sum_n gy[n] @ W_n``."""
-    pid = tl.program_id(0)
-    num_m = (M + BM - 1) // BM
-    pm = pid % num_m
-    pk = pid // num_m
-    offs_m = pm * BM + tl.arange(0, BM)
-    k0 = pk * BK
-    offs_k = k0 + tl.arange(0, BK)
+    offs_m, k0, offs_k = _tile(M, BM, BK)
     if SUM_PARTICLES:
         first = 0
         last = N
@@ -173,14 +173,8 @@ def grad_weight_kernel(gy, x, seeds, gloc, gscale, N, M, O, K, Kq, sgn, sgm, sgo
     """Split ``s = program_id(1)``'s share of the particle sums
     ``gloc[s] = sum_n gy[n].T @ x[n]`` and ``gscale[s] = sum_n (gy[n].T @ x[n]) * eps_n``
     (each ``(O, K)``), for the particles ``s * PER_SPLIT ...`` (the splits are summed after)."""
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    num_o = (O + BO - 1) // BO
-    po = pid % num_o
-    pk = pid // num_o
-    offs_o = po * BO + tl.arange(0, BO)
-    k0 = pk * BK
-    offs_k = k0 + tl.arange(0, BK)
+    offs_o, k0, offs_k = _tile(O, BO, BK)
     g_loc = tl.full((BO, BK), 0, ACC)
     g_scale = tl.full((BO, BK), 0, ACC)
     first = split * PER_SPLIT
@@ -206,12 +200,8 @@ def grad_weight_kernel(gy, x, seeds, gloc, gscale, N, M, O, K, Kq, sgn, sgm, sgo
 @triton.jit
 def noise_kernel(seeds, out, first, O, K, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
     """``out[n] = eps_{first + n}`` (``(O, K)`` each), written: the reference the tests compare with."""
-    pid = tl.program_id(0)
     n = tl.program_id(1)
-    num_o = (O + BO - 1) // BO
-    offs_o = (pid % num_o) * BO + tl.arange(0, BO)
-    k0 = (pid // num_o) * BK
-    offs_k = k0 + tl.arange(0, BK)
+    offs_o, k0, offs_k = _tile(O, BO, BK)
     eps = _noise(tl.load(seeds + first + n), offs_o, k0, Kq, BO, BK, ROUNDS)
     tl.store(out + n * O * K + offs_o[:, None] * K + offs_k[None, :], eps.to(out.dtype.element_ty),
              mask=(offs_o[:, None] < O) & (offs_k[None, :] < K))
@@ -221,11 +211,7 @@ def noise_kernel(seeds, out, first, O, K, Kq, BO: tl.constexpr, BK: tl.constexpr
 def moments_kernel(seeds, m1, m2, N, O, K, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
     """``m1 = sum_n eps_n`` and ``m2 = sum_n eps_n ** 2`` (``(O, K)``): all that the sampled
     log-densities :math:`\\log p(W_n)`, :math:`\\log q(W_n)` need of the noise."""
-    pid = tl.program_id(0)
-    num_o = (O + BO - 1) // BO
-    offs_o = (pid % num_o) * BO + tl.arange(0, BO)
-    k0 = (pid // num_o) * BK
-    offs_k = k0 + tl.arange(0, BK)
+    offs_o, k0, offs_k = _tile(O, BO, BK)
     s1 = tl.full((BO, BK), 0, m1.dtype.element_ty)
     s2 = tl.full((BO, BK), 0, m1.dtype.element_ty)
     for n in range(0, N):

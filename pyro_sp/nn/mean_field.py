@@ -24,7 +24,7 @@ from pyro_sp.distributed.streams import RNGStream, stream_seed
 from .bayesian_module import BayesianModule
 from .layer_estimators import ESTIMATORS, LayerEstimator, reparameterized_layers, swap_layers
 from .likelihoods import LogLikelihood, log_likelihood
-from .regenerated_noise import RegeneratedNoiseLinear, draw_seeds, sampled_log_densities
+from .regenerated_noise import RegeneratedNoiseLinear, draw_seeds, require_triton, sampled_log_densities
 
 __all__ = ["MeanFieldVI"]
 
@@ -107,26 +107,32 @@ class _Posterior(torch.nn.Module):
         fixed = dict(zip(self.bnn.deterministic_names, self.fixed))
         return self.bnn.functional_forward(dict(zip(self.names, values)), fixed, args, kwargs)
 
-    def estimated_outputs(self, num: int, args, draws: bool = False) -> tuple[list, list, torch.Tensor]:
+    def swapped_outputs(self, num: int, args, noise=None, draws: bool = False) -> tuple[list, list, torch.Tensor]:
         """
-        The outputs of ``num`` particles under a layer estimator (:mod:`~pyro_sp.nn.layer_estimators`):
-        the layers it evaluates get the guide's means and scales (``local_reparam``) or a
-        per-particle perturbation (``flipout``); every other Bayesian tensor is drawn as usual.
-        Returns the draws ``loc + eps * scale`` (``None`` where local reparameterization draws
-        none; a layer's weight draw only if ``draws``, for the sampled KL), their ``eps``, and
-        the outputs.
+        The outputs of ``num`` particles through the network with swapped layers: a layer
+        estimator's (:mod:`~pyro_sp.nn.layer_estimators`: the guide's means and scales for
+        ``local_reparam``, a per-particle perturbation for ``flipout``) or the regenerated-noise
+        ``Linear`` layers (:mod:`~pyro_sp.nn.regenerated_noise`: mean, scale and one seed per
+        particle); every other Bayesian tensor is drawn as usual. ``noise`` pins the draws (the
+        seeds, for regenerated weights). Returns the draws ``loc + eps * scale`` (``None`` where a
+        layer draws no weight; a Flipout weight's only if ``draws``, for the sampled KL), their
+        noise (``eps``, the seeds, or ``None``), and the outputs.
         """
-        layer_of = self._layer_of
+        layer_of, kind = self._layer_of, "regenerated" if self.regenerated else self.estimator
         samples, fixed, values, noises = {}, dict(zip(self.bnn.deterministic_names, self.fixed)), [], []
-        for n, loc, rho in zip(self.names, self.locs, self.rhos):
-            scale = F.softplus(rho)
-            if n in layer_of and self.estimator == "local_reparam":
+        for i, (n, loc, rho) in enumerate(zip(self.names, self.locs, self.rhos)):
+            scale, given = F.softplus(rho), None if noise is None else noise[i]
+            if n in layer_of and kind != "flipout":  # the layer takes the mean and scale
                 prefix, what = layer_of[n]
                 fixed[n], fixed[f"{prefix}{what}_scale"] = loc, scale
+                seeds = None
+                if kind == "regenerated":
+                    seeds = draw_seeds(num, loc.device) if given is None else given
+                    samples[f"{prefix}weight_seed"] = seeds
                 values.append(None)
-                noises.append(None)
+                noises.append(seeds)
                 continue
-            eps = torch.randn((num,) + loc.shape, dtype=loc.dtype, device=loc.device)
+            eps = torch.randn((num,) + loc.shape, dtype=loc.dtype, device=loc.device) if given is None else given
             if n in layer_of:  # flipout: the mean shared, one perturbation per particle
                 prefix, _ = layer_of[n]
                 fixed[n], samples[f"{prefix}weight_delta"] = loc, eps * scale
@@ -138,32 +144,6 @@ class _Posterior(torch.nn.Module):
         out = self.bnn.functional_forward(samples, fixed, args, {}, module=self.swapped, num=num)
         return values, noises, out
 
-    def regenerated_outputs(self, num: int, args, noise) -> tuple[list, list, torch.Tensor]:
-        """
-        The outputs of ``num`` particles with the ``Linear`` weights' noise drawn inside their
-        kernels (:mod:`~pyro_sp.nn.regenerated_noise`): those weights get the guide's mean and scale
-        and one seed per particle; every other Bayesian tensor is drawn as usual. Returns the draws
-        (``None`` for the regenerated weights), their noise (the seeds for those), and the outputs.
-        """
-        samples, fixed = {}, dict(zip(self.bnn.deterministic_names, self.fixed))
-        values, noises = [], []
-        for i, (n, loc, rho) in enumerate(zip(self.names, self.locs, self.rhos)):
-            given = None if noise is None else noise[i]
-            if n in self._layer_of:
-                prefix, _ = self._layer_of[n]
-                seeds = draw_seeds(num, loc.device) if given is None else given
-                fixed[n], fixed[f"{prefix}weight_scale"] = loc, F.softplus(rho)
-                samples[f"{prefix}weight_seed"] = seeds
-                values.append(None)
-                noises.append(seeds)
-                continue
-            eps = torch.randn((num,) + loc.shape, dtype=loc.dtype, device=loc.device) if given is None else given
-            samples[n] = loc + eps * F.softplus(rho)
-            values.append(samples[n])
-            noises.append(eps)
-        out = self.bnn.functional_forward(samples, fixed, args, {}, module=self.swapped, num=num)
-        return values, noises, out
-
     def forward(self, x, y, num: int, weight: float, ll_scale: float, kl: str, loglik, noise=None,
                 precision: str = "fp32"):
         # bf16: the network's products (and the draws they read, which inductor fuses into
@@ -171,16 +151,14 @@ class _Posterior(torch.nn.Module):
         # accumulation into the fp32 parameters stay in fp32
         low = torch.autocast(x.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
         with low:
-            if self.regenerated:
-                values, noises, out = self.regenerated_outputs(num, (x,), noise)
-            elif self.estimator == "exact":
+            if self.swapped is None:  # the exact estimator, every draw stored
                 values, noises = self.sample(num, noise)
                 out = self.outputs(values, (x,), {})
             else:
-                if noise is not None:
+                if noise is not None and not self.regenerated:
                     raise ValueError(f"Expected noise=None with estimator={self.estimator!r}: pinned noise "
                                      "is the exact estimator's test hook (one draw per Bayesian tensor).")
-                values, noises, out = self.estimated_outputs(num, (x,), draws=kl == "sample")
+                values, noises, out = self.swapped_outputs(num, (x,), noise, draws=kl == "sample")
         if precision == "bf16":
             out = out.float()
         log_lik = loglik(out, y)
@@ -366,8 +344,6 @@ class MeanFieldVI(torch.nn.Module):
         if weight_noise not in _WEIGHT_NOISE:
             raise ValueError(f"Expected weight_noise in {_WEIGHT_NOISE}, got {weight_noise!r}.")
         if weight_noise == "regenerated":
-            from .regenerated_noise import require_triton
-
             require_triton()
         if weight_noise == "regenerated" and estimator != "exact":
             raise ValueError(
