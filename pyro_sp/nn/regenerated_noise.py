@@ -103,15 +103,51 @@ def _interpreting(on: bool):
             knobs.runtime.interpret = old_knob
 
 
-class _Fixed:
-    """A kernel launched with one tile (the interpreter's), as an autotuned one is launched."""
+def _language_objects() -> list:
+    """What Triton's interpreter patches for a launch: ``triton.language`` and its parts."""
+    import triton.language as tl
+
+    objects = [tl, tl.core, tl.math, tl.core.tensor, tl.core.dtype]
+    descriptor = getattr(tl.core, "tensor_descriptor_base", None)
+    return objects + ([descriptor] if descriptor is not None else [])
+
+
+@contextlib.contextmanager
+def _language_restored():
+    """Undo what an interpreted launch patched into ``triton.language``. Triton's interpreter (3.5)
+    leaves its numpy builders in place after a launch, and a kernel compiled for a GPU later in the
+    same process then fails in the compiler."""
+    saved = [(obj, dict(vars(obj))) for obj in _language_objects()]
+    try:
+        yield
+    finally:
+        for obj, before in saved:
+            now = vars(obj)
+            for name in [n for n in now if n not in before]:
+                delattr(obj, name)
+            for name, value in before.items():
+                if now.get(name, _MISSING) is not value:
+                    setattr(obj, name, value)
+
+
+_MISSING = object()
+
+
+class _Interpreted:
+    """A kernel run by Triton's interpreter with one tile (``meta``), launched as an autotuned one is,
+    leaving ``triton.language`` as it found it."""
 
     def __init__(self, kernel, meta: dict) -> None:
         self.kernel, self.meta = kernel, meta
 
     def __getitem__(self, grid):
         resolved = grid(self.meta) if callable(grid) else grid
-        return lambda *args, **kwargs: self.kernel[resolved](*args, **kwargs, **self.meta)
+
+        def launch(*args, **kwargs):
+            with _language_restored():
+                return self.kernel[resolved](*args, **kwargs, **self.meta)
+
+        return launch
 
 
 def _index_scalars() -> None:
@@ -143,6 +179,19 @@ def require_triton() -> None:
         ) from e
 
 
+def kernel_module(interpret: bool):
+    """A fresh copy of :mod:`pyro_sp.nn._noise_kernels`, its kernels decorated for Triton's interpreter
+    (``interpret``) or its compiler (a module of its own per mode: a kernel calls the helpers of its
+    own mode)."""
+    if interpret:
+        _index_scalars()
+    spec = importlib.util.find_spec("pyro_sp.nn._noise_kernels")
+    module = importlib.util.module_from_spec(spec)
+    with _interpreting(interpret):
+        spec.loader.exec_module(module)
+    return module
+
+
 def kernels(device: torch.device):
     """The kernels for tensors on ``device``: compiled and autotuned for CUDA, interpreted otherwise."""
     interpret = device.type != "cuda"
@@ -150,16 +199,14 @@ def kernels(device: torch.device):
         require_triton()
         import triton
 
-        if interpret:
-            _index_scalars()
-        spec = importlib.util.find_spec("pyro_sp.nn._noise_kernels")
-        module = importlib.util.module_from_spec(spec)
-        with _interpreting(interpret):
-            spec.loader.exec_module(module)
+        module = kernel_module(interpret)
+        if interpret:  # the two noise kernels take their tile from the caller
+            module.noise_kernel = _Interpreted(module.noise_kernel, {})
+            module.moments_kernel = _Interpreted(module.moments_kernel, {})
         for kind in ("forward", "grad_input", "grad_weight"):
             kernel = getattr(module, f"{kind}_kernel")
             if interpret:
-                launcher = _Fixed(kernel, dict(zip(_NAMES[kind], _INTERPRETER_TILE)))
+                launcher = _Interpreted(kernel, dict(zip(_NAMES[kind], _INTERPRETER_TILE)))
             else:
                 configs = [triton.Config(dict(zip(_NAMES[kind], tile[:3])), num_warps=tile[3], num_stages=tile[4])
                            for tile in _CUDA_TILES[kind]]
