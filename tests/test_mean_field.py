@@ -515,6 +515,22 @@ def test_argument_errors():
         vi.load_param_store()
 
 
+def test_cuda_graphs_errors():
+    """CUDA graphs replay the compiled step: without compile=True, or with parameters off CUDA,
+    the error says what to pass (the second at the first step, after a .to() could have moved them)."""
+    bnn = _bnn("all", "categorical")
+    with pytest.raises(ValueError, match=r"Expected compile=True with cuda_graphs=True, got compile=False.*"
+                                         r"MeanFieldVI\(\.\.\., compile=True, cuda_graphs=True\)"):
+        MeanFieldVI(bnn, num_particles=2, cuda_graphs=True)
+    vi = MeanFieldVI(bnn, num_particles=2, compile=True, cuda_graphs=True)
+    x, y = _data("categorical")
+    optim = torch.optim.SGD(vi.parameters(), lr=0.1)
+    for _ in range(2):  # still refused on a second try: nothing was set up by the first
+        with pytest.raises(ValueError, match=r"Expected the parameters on a CUDA device with cuda_graphs=True, "
+                                             r"got cpu\. Move the MeanFieldVI with \.to\('cuda'\)"):
+            vi.step(optim, x, y)
+
+
 def test_param_store_round_trip():
     torch.set_default_dtype(torch.float64)
     bnn = _bnn("last", "categorical")

@@ -22,6 +22,9 @@ Variants, all the same estimator (``Trace_ELBO``: one-sample KL, vectorized part
                     ``weight_noise="regenerated"``: the same estimator, the Linear layers' weight noise
                     drawn inside Triton kernels (:mod:`pyro_sp.nn.regenerated_noise`); not run unless
                     named in ``--variants``;
+``fused_analytic_graphs``, ``fused_regenerated_graphs``
+                    ``fused_analytic`` and ``fused_regenerated`` with ``cuda_graphs=True`` (the compiled
+                    step replayed as CUDA graphs; CUDA only); not run unless named in ``--variants``;
 ``fused_local_reparam``, ``fused_flipout``
                     ``fused_analytic`` with ``estimator="local_reparam"`` / ``"flipout"``: lower-variance
                     estimators of the same gradient (:mod:`pyro_sp.nn.layer_estimators`), not
@@ -75,8 +78,10 @@ COMPILED_VARIANTS = ("pyro_sp_compiled", "pyro_sp_compiled_graphs", "pyro_sp_com
 LAYER_VARIANTS = ("fused_local_reparam", "fused_flipout")
 #: MeanFieldVI with the Linear layers' weight noise drawn inside Triton kernels (closed-form KL).
 REGENERATED_VARIANTS = ("fused_regenerated", "fused_regenerated_bf16", "fused_regenerated_eager")
+#: ``fused_analytic`` and ``fused_regenerated`` replayed as CUDA graphs.
+GRAPH_VARIANTS = ("fused_analytic_graphs", "fused_regenerated_graphs")
 VARIANTS = DEFAULT_VARIANTS + ("pyro_primitives", "pyro_sp_primitives") + COMPILED_VARIANTS + LAYER_VARIANTS + (
-    "fused_bf16",) + REGENERATED_VARIANTS
+    "fused_bf16",) + REGENERATED_VARIANTS + GRAPH_VARIANTS
 #: Steps recorded after the timed ones (``scaling``) for the collectives per step.
 RECORDED_STEPS = 3
 
@@ -133,14 +138,16 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
         return lambda: svi.step(x, y)
     if variant not in VARIANTS:
         raise ValueError(f"Expected a variant in {VARIANTS}, got {variant!r}.")
-    estimator = variant[len("fused_"):] if variant in LAYER_VARIANTS else "exact"
+    graphs = variant in GRAPH_VARIANTS
+    base = variant.removesuffix("_graphs")
+    estimator = base[len("fused_"):] if base in LAYER_VARIANTS else "exact"
     vi = MeanFieldVI(
         bnn, num_particles=num_particles, mesh=mesh, seed=0, init_scale=0.01, estimator=estimator,
-        kl="analytic" if variant in ("fused_analytic", "fused_bf16") + LAYER_VARIANTS + REGENERATED_VARIANTS
+        kl="analytic" if base in ("fused_analytic", "fused_bf16") + LAYER_VARIANTS + REGENERATED_VARIANTS
         else "sample",
-        precision="bf16" if variant.endswith("bf16") else "fp32",
-        weight_noise="regenerated" if variant in REGENERATED_VARIANTS else "stored",
-        compile=not variant.endswith("eager"), split_compiled_graph=variant == "fused_split",
+        precision="bf16" if base.endswith("bf16") else "fp32",
+        weight_noise="regenerated" if base in REGENERATED_VARIANTS else "stored",
+        compile=not base.endswith("eager"), split_compiled_graph=base == "fused_split", cuda_graphs=graphs,
     ).to(x.device)
     optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=1e-3)
     return lambda: vi.step(optim, x, y)

@@ -276,6 +276,11 @@ class MeanFieldVI(torch.nn.Module):
     :param bool compile: :func:`torch.compile` the step (one whole graph: its
         gradient buckets are reduced right after the compiled backward, unless
         ``split_compiled_graph=True``).
+    :param bool cuda_graphs: with ``compile=True`` and CUDA parameters, replay the
+        compiled step as CUDA graphs (``torch.compile(mode="reduce-overhead")``): one
+        launch for the forward and one for the backward instead of one per kernel. The
+        same noise and arithmetic as without (the graphs read the step's random stream
+        when they are replayed). The inputs are copied into the graphs' buffers each step.
     :param str check: ``"first"``: the first step verifies on every rank
         that the ranks agree and none failed (one small collective), later
         steps run without host synchronisation; ``"always"``: every step
@@ -310,6 +315,7 @@ class MeanFieldVI(torch.nn.Module):
         mesh: SPMesh | None = None,
         seed: int | None = None,
         compile: bool = False,
+        cuda_graphs: bool = False,
         check: str = "first",
         gradient_sync: str = "bucketed",
         bucket_cap_mb: float = 25.0,
@@ -419,6 +425,12 @@ class MeanFieldVI(torch.nn.Module):
         self._seed = seed
         self._evals = 0  # loss() and predict() calls, apart from the training steps
         self._compile = compile
+        if cuda_graphs and not compile:
+            raise ValueError(
+                f"Expected compile=True with cuda_graphs=True, got compile={compile!r}: the CUDA graphs "
+                "replay the compiled step. Pass MeanFieldVI(..., compile=True, cuda_graphs=True)."
+            )
+        self.cuda_graphs = bool(cuda_graphs)
         if split_compiled_graph and bucket_cap_mb < 1:
             raise ValueError(
                 f"Expected bucket_cap_mb >= 1 with split_compiled_graph=True (DDP's first bucket holds "
@@ -481,14 +493,23 @@ class MeanFieldVI(torch.nn.Module):
         """On the first step: leave out parameters without gradient, set up the gradient
         strategy, compile. A failure on any rank is raised on every rank before the
         collectives of the bucketed reduction's construction."""
+        # the same on every rank (one device type per job): raised by all before any collective
+        if self.cuda_graphs and self.posterior.locs[0].device.type != "cuda":
+            raise ValueError(
+                f"Expected the parameters on a CUDA device with cuda_graphs=True, got "
+                f"{self.posterior.locs[0].device}. Move the MeanFieldVI with .to('cuda'), or pass "
+                "cuda_graphs=False."
+            )
         module = self.posterior
         if self._group is not None:
             guarded(lambda: self._freeze_unused(x, y), group=self._group, what="MeanFieldVI's first step",
                     device=self.mesh.device)
             if self.gradient_sync == "bucketed":
                 module = BucketedSum(module, group=self._group, bucket_cap_mb=self.bucket_cap_mb).module
+        if self._compile:
+            module = torch.compile(module, mode="reduce-overhead" if self.cuda_graphs else None)
         # a plain attribute, not a submodule: the state dict holds the parameters once
-        object.__setattr__(self, "_loss_fn", torch.compile(module) if self._compile else module)
+        object.__setattr__(self, "_loss_fn", module)
 
     # ---- the estimator -----------------------------------------------------------
     def _scales(self, y: torch.Tensor) -> tuple[float, float]:
@@ -499,6 +520,8 @@ class MeanFieldVI(torch.nn.Module):
     def _local_loss(self, x, y, noise=None) -> torch.Tensor:
         weight, ll_scale = self._scales(y)
         fn = self._loss_fn
+        if self.cuda_graphs:  # a new step: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with self._rng("step"), torch._dynamo.config.patch(optimize_ddp=self.split_compiled_graph):
             return fn(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik, noise, self.precision)
 
