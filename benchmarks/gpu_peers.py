@@ -43,22 +43,30 @@ def torch_suite(args) -> dict:
     optim = torch.optim.Adam(locs + rhos, lr=1e-3)
     half_log_2pi = 0.5 * math.log(2 * math.pi)
 
-    def loss_fn(n: int):
+    def layer(h, n: int, i: int):
+        """Layer ``i // 2``'s output for the input ``h`` and its weights' ``log p - log q``."""
+        log_w, sampled = 0.0, []
+        for j in (i, i + 1):
+            scale = F.softplus(rhos[j])
+            eps = torch.randn((n,) + shapes[j], device=device)
+            z = locs[j] + scale * eps
+            log_q = (-0.5 * eps**2 - scale.log() - half_log_2pi).flatten(1).sum(-1)
+            log_p = (-0.5 * z**2 - half_log_2pi).flatten(1).sum(-1)
+            log_w = log_w + log_p - log_q
+            sampled.append(z)
+        w, b = sampled
+        h = h @ (w / math.sqrt(shapes[i][0])) + b.unsqueeze(-2)
+        return (torch.relu(h) if i < len(shapes) - 2 else h), log_w
+
+    def loss_fn(n: int, recompute: bool = False):
         h, log_w = x, 0.0
         for i in range(0, len(shapes), 2):
-            sampled = []
-            for j in (i, i + 1):
-                scale = F.softplus(rhos[j])
-                eps = torch.randn((n,) + shapes[j], device=device)
-                z = locs[j] + scale * eps
-                log_q = (-0.5 * eps**2 - scale.log() - half_log_2pi).flatten(1).sum(-1)
-                log_p = (-0.5 * z**2 - half_log_2pi).flatten(1).sum(-1)
-                log_w = log_w + log_p - log_q
-                sampled.append(z)
-            w, b = sampled
-            h = h @ (w / math.sqrt(shapes[i][0])) + b.unsqueeze(-2)
-            if i < len(shapes) - 2:
-                h = torch.relu(h)
+            if recompute:  # nothing of the layer kept for backward but its input: drawn again there
+                h, lw = torch.utils.checkpoint.checkpoint(layer, h, n, i, use_reentrant=False,
+                                                          preserve_rng_state=True)
+            else:
+                h, lw = layer(h, n, i)
+            log_w = log_w + lw
         log_lik = -F.cross_entropy(h.flatten(0, 1), y.repeat(n), reduction="none").view(n, -1).sum(-1)
         return -(log_lik + log_w).mean()
 
@@ -68,11 +76,33 @@ def torch_suite(args) -> dict:
         optim.step()
 
     compiled = torch.compile(loss_fn, dynamic=False)
+
+    def recompute_difference(fn, n: int) -> float | str:
+        """The largest relative difference of the gradients with and without the recomputation,
+        from the same random state (0 when backward draws the same weights again)."""
+        grads = []
+        for recompute in (False, True):
+            torch.manual_seed(0)
+            try:
+                grads.append(torch.autograd.grad(fn(n, recompute=recompute), locs + rhos))
+            except Exception as e:  # noqa: BLE001 - recorded with the timings
+                return f"{type(e).__name__}: {str(e)[:300]}"
+        return max(float((a - b).norm() / a.norm().clamp_min(1e-30)) for a, b in zip(*grads))
+
     rows = []
     for n in args.particles:
         row = {"particles": n}
         for name, fn in (("raw_torch_eager", loss_fn), ("raw_torch_compile", compiled)):
             row[name] = timed(functools.partial(step, fn, n), warmup=args.warmup, steps=args.steps, device=device)
+        if args.checkpoint:
+            row["checkpoint_gradient_difference"] = {"eager": recompute_difference(loss_fn, n),
+                                                     "compile": recompute_difference(compiled, n)}
+            for name, fn in (("raw_torch_checkpoint_eager", loss_fn), ("raw_torch_checkpoint_compile", compiled)):
+                try:
+                    row[name] = timed(functools.partial(step, functools.partial(fn, recompute=True), n),
+                                      warmup=args.warmup, steps=args.steps, device=device)
+                except Exception as e:  # noqa: BLE001 - recorded: whether compile takes the recomputation
+                    row[name] = f"{type(e).__name__}: {str(e)[:300]}"
         if args.gemm:
             for dtype in (torch.float32, torch.bfloat16):
                 row[f"gemm_bound_{'bf16' if dtype == torch.bfloat16 else 'fp32'}"] = timed(
@@ -185,6 +215,9 @@ def main():
     p.add_argument("--pmap", action="store_true", help="numpyro: particles over all local GPUs (pmap of vmap)")
     p.add_argument("--out", default=None)
     p.add_argument("--tf32", action="store_true", help="torch: TF32 matmuls (default: full fp32)")
+    p.add_argument("--checkpoint", action="store_true",
+                   help="torch: also the step with each layer under torch.utils.checkpoint (weights drawn "
+                        "again in backward from the saved random state, none kept)")
     p.add_argument("--gemm", action="store_true", help="torch: also time the step's bare matrix products")
     args = p.parse_args()
     result = torch_suite(args) if args.suite == "torch" else numpyro_suite(args)
