@@ -98,6 +98,14 @@ def test_errors_say_what_was_expected():
     with pytest.raises(ValueError, match="2\\*\\*31"):  # 32-bit offsets: refused, not overflowed
         rn.noise_linear(torch.zeros(1, 1, 4).expand(2**20, 2**10, 4), loc, scale, torch.zeros(2**20, dtype=torch.int64), False,
                         "ieee")
+    # under the limit, accepted: the outputs (N, M, O) = (2**16, 1, 3) counted once, not N times
+    big = torch.zeros(1, 1, 4).expand(2**16, 2**14, 4)
+    rn._check(big[:, :1], loc, scale, torch.zeros(2**16, dtype=torch.int64))
+    narrow = torch.zeros(1, 2**8)  # a shared input (M, K) is read once, not once per particle
+    rn._check(torch.zeros(2**8, 2**8), narrow, narrow, torch.zeros(2**16, dtype=torch.int64))
+    wide = torch.zeros(2**10, 1)
+    with pytest.raises(ValueError, match=r"got \{'the outputs': 4294967296\}"):
+        rn._check(torch.zeros(1, 1, 1).expand(2**16, 2**6, 1), wide, wide, torch.zeros(2**16, dtype=torch.int64))
     with pytest.raises(ValueError, match="shared"):
         torch.func.vmap(rn.noise_linear_particle, in_dims=(0, 0, None, 0, None))(
             x, torch.zeros(2, 3, 4), scale, seeds, "ieee")

@@ -246,9 +246,9 @@ def _check(x, loc, scale, seeds) -> None:
     if x.shape[-1] != loc.shape[1]:
         raise ValueError(f"Expected inputs with {loc.shape[1]} features (the weight is {tuple(loc.shape)}), "
                          f"got {tuple(x.shape)}.")
-    num, rows = seeds.shape[0], x.numel() // max(x.shape[-1], 1)
-    sizes = {"the weight": loc.numel(), "the inputs": x.numel() if x.dim() == 3 else num * x.numel(),
-             "the outputs": num * rows * loc.shape[0]}
+    # x is (N, M, K), or (M, K) shared by the particles (read, and its gradient written, once)
+    sizes = {"the weight": loc.numel(), "the inputs": x.numel(),
+             "the outputs": seeds.shape[0] * x.shape[-2] * loc.shape[0]}
     large = {k: v for k, v in sizes.items() if v >= 2**31}
     if large:
         raise ValueError(
