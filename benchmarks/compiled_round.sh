@@ -3,12 +3,11 @@
 #   bash benchmarks/compiled_round.sh compiled   # "The compiled general path"
 #   bash benchmarks/compiled_round.sh layers     # MeanFieldVI's layer estimators (TF32)
 #   bash benchmarks/compiled_round.sh short      # the main rows of both, in one call under 5 minutes
-#   bash benchmarks/compiled_round.sh regenerated  # MeanFieldVI with regenerated weight noise (TF32), its
-#                                                  # device check, raw torch.compile (with and without
-#                                                  # torch.utils.checkpoint) and the bare products
-#   bash benchmarks/compiled_round.sh graphs     # MeanFieldVI's step replayed as CUDA graphs: the check
-#                                                # against the step without them, the step times (TF32),
-#                                                # and the ViT with regenerated noise
+#   bash benchmarks/compiled_round.sh regenerated  # MeanFieldVI with regenerated weight noise and with
+#                                                  # CUDA graphs (TF32), the graphs' check against the
+#                                                  # step without them, the kernels' device check
+#   bash benchmarks/compiled_round.sh regenerated_peers  # raw torch.compile (with and without
+#                                                  # torch.utils.checkpoint), the bare products, bf16, ViT
 # Needs the wheels of pyro-ppl and pyro-api in .whl/ on a machine without internet.
 # Results (JSON) go to $OUT (default ./bench-out).
 set -uo pipefail
@@ -41,19 +40,21 @@ timeout 90 $BENCH compiled --device cuda --programs small gmm vae \
   --out "$OUT/compiled_fp32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/compiled.log"
 ;;
 regenerated)
-timeout 100 python3 benchmarks/regenerated_check.py --particles 32 --out "$OUT/regenerated_check.json" 2>&1 | tail -5
-timeout 250 $BENCH gpu-single --model mlp --particles 8 32 64 --warmup 6 --steps 20 --tf32 \
-  --variants fused_analytic fused_regenerated fused_bf16 fused_regenerated_bf16 \
-  --out "$OUT/regenerated_mlp_tf32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/regenerated_mlp.log"
-timeout 150 python3 benchmarks/gpu_peers.py torch --tf32 --gemm --checkpoint --particles 8 32 64 --warmup 6 \
-  --steps 20 --out "$OUT/raw_torch_tf32.json" 2>&1 | tail -3
-;;
-graphs)
-timeout 200 python3 benchmarks/graphs_check.py --particles 8 --out "$OUT/graphs_check.json" 2>&1 | tail -3
 timeout 300 $BENCH gpu-single --model mlp --particles 8 32 64 --warmup 6 --steps 20 --tf32 \
   --variants fused_analytic fused_analytic_graphs fused_regenerated fused_regenerated_graphs \
-  --out "$OUT/graphs_mlp_tf32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/graphs_mlp.log"
-timeout 150 $BENCH gpu-single --model vit --particles 8 32 --warmup 4 --steps 10 --tf32 \
+  --out "$OUT/regenerated_mlp_tf32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/regenerated_mlp.log"
+timeout 110 python3 benchmarks/graphs_check.py --particles 8 --steps 4 --out "$OUT/graphs_check.json" \
+  2>&1 | tee "$OUT/graphs_check.log" | tail -3
+timeout 160 python3 benchmarks/regenerated_check.py --particles 32 --out "$OUT/regenerated_check.json" \
+  2>&1 | tee "$OUT/regenerated_check.log" | tail -3
+;;
+regenerated_peers)
+timeout 150 python3 benchmarks/gpu_peers.py torch --tf32 --gemm --checkpoint --particles 8 32 64 --warmup 6 \
+  --steps 20 --out "$OUT/raw_torch_tf32.json" 2>&1 | tail -3
+timeout 200 $BENCH gpu-single --model mlp --particles 8 32 64 --warmup 6 --steps 20 --tf32 \
+  --variants fused_analytic fused_bf16 fused_regenerated_bf16 \
+  --out "$OUT/regenerated_bf16_mlp.json" 2>&1 | grep -v -E "^INFO|USDT"
+timeout 200 $BENCH gpu-single --model vit --particles 8 32 --warmup 4 --steps 10 --tf32 \
   --variants fused_analytic fused_regenerated --out "$OUT/regenerated_vit_tf32.json" 2>&1 | grep -v -E "^INFO|USDT"
 ;;
 esac

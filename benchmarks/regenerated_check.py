@@ -95,25 +95,25 @@ def main():
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = torch.device("cuda")
-    layers = [layer_errors(args.particles, k, o, i == 0, device)
-              for i, (k, o) in enumerate(zip(SIZES[:-1], SIZES[1:]))]
-    for row in layers:
-        print(row, flush=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+    def save(**parts):  # after each part: a time limit keeps what was measured
+        result.update(parts)
+        print(parts, flush=True)
+        if args.out:
+            write_result(args.out, result)
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    save(times_ms={precision: [layer_times(args.particles, k, o, i == 0, device, precision)
+                               for i, (k, o) in enumerate(zip(SIZES[:-1], SIZES[1:]))]
+                   for precision in ("tf32", "bf16")})
     seeds = torch.tensor([0, 1, -5, 2**62], dtype=torch.int64)
     on_gpu = rn.weight_noise(seeds.to(device), (33, 70)).cpu()
     on_cpu = rn.weight_noise(seeds, (33, 70))
-    noise = {"max_abs_difference_gpu_vs_interpreter": float((on_gpu - on_cpu).abs().max()),
-             "max_abs_noise": float(on_cpu.abs().max())}
-    print(noise, flush=True)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    times = {precision: [layer_times(args.particles, k, o, i == 0, device, precision)
-                         for i, (k, o) in enumerate(zip(SIZES[:-1], SIZES[1:]))]
-             for precision in ("tf32", "bf16")}
-    print(times, flush=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": layers,
-              "noise": noise, "times_ms": times}
-    if args.out:
-        write_result(args.out, result)
+    save(noise={"max_abs_difference_gpu_vs_interpreter": float((on_gpu - on_cpu).abs().max()),
+                "max_abs_noise": float(on_cpu.abs().max())})
+    save(layers=[layer_errors(args.particles, k, o, i == 0, device)
+                 for i, (k, o) in enumerate(zip(SIZES[:-1], SIZES[1:]))])
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import traceback
 
 import pyro
 import torch
@@ -171,7 +172,8 @@ def _native_step(elbo, x, y):
 
 def _attempt(variant, net, x, y, n, device, warmup, steps, mesh=None, record: bool = False) -> dict | str:
     """``{"step_ms_median", "peak_gib" (CUDA)}`` of ``variant`` (:func:`~pyro_sp.bench.timing.timed`),
-    with ``"collectives_per_step"`` if ``record``; ``"out of memory"`` if it does not fit."""
+    with ``"collectives_per_step"`` if ``record``; ``"out of memory"`` if it does not fit;
+    ``"failed: <error>"`` if it raised in a single process."""
     try:
         step = make_step(variant, net, x, y, n, mesh)
         result = timed(step, warmup=warmup, steps=steps, device=device)
@@ -185,6 +187,12 @@ def _attempt(variant, net, x, y, n, device, warmup, steps, mesh=None, record: bo
         if mesh is not None and mesh.world_size > 1:
             raise  # the other ranks are inside the step's collectives: stop the whole job
         return "out of memory"
+    except Exception as e:
+        if mesh is not None and mesh.world_size > 1:
+            raise
+        # one process: the failure is this variant's row (traceback on stderr), the others still run
+        traceback.print_exc()
+        return f"failed: {type(e).__name__}: {str(e)[:500]}"
     finally:
         pyro.clear_param_store()
         torch._dynamo.reset()

@@ -19,6 +19,8 @@ mode (compiled for CUDA, or Triton's interpreter for CPU tensors), so it defines
 nothing but kernels.
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -54,21 +56,36 @@ def _philox(seed, counter, ROUNDS: tl.constexpr):
     return c0, c1, c2, c3
 
 
+#: Compiled for a GPU, Box–Muller's logarithm, sine and cosine are the hardware's approximate
+#: instructions (``lg2.approx``, ``sin.approx``, ``cos.approx``: a few ulp, a fraction of the
+#: cost of the exact library functions); Triton's interpreter, which has no inline assembly,
+#: uses NumPy's. The two differ by about 1e-6 (``benchmarks/regenerated_check.py`` reports it).
+_APPROX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
+@triton.jit
+def _approx(x, INSTRUCTION: tl.constexpr):
+    return tl.inline_asm_elementwise(INSTRUCTION + ".approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
 @triton.jit
 def _uniform(word):
-    """A 32-bit word to a uniform number in [0, 1) (its 31 low bits, folded on the sign)."""
-    w = word.to(tl.int32, bitcast=True)
-    w = tl.where(w < 0, -w - 1, w)
-    return w.to(tl.float32) * 4.6566127342e-10
+    """A 32-bit word to a uniform number in (0, 1): its 31 high bits, centred in their interval."""
+    return (word >> 1).to(tl.int32).to(tl.float32) * 4.656612873077393e-10 + 2.3283064365386963e-10
 
 
 @triton.jit
 def _box_muller(w0, w1):
-    """Two independent standard normals from two words (Box–Muller)."""
-    u0 = tl.maximum(1.0e-7, _uniform(w0))
-    theta = 6.283185307179586 * _uniform(w1)
-    radius = tl.sqrt(-2.0 * tl.log(u0))
-    return radius * tl.cos(theta), radius * tl.sin(theta)
+    """Two independent standard normals from two words (Box–Muller, the angle in [-pi, pi))."""
+    u = _uniform(w0)
+    theta = 6.283185307179586 * _uniform(w1) - 3.141592653589793
+    if _APPROX:
+        radius = tl.sqrt(-1.3862943611198906 * _approx(u, "lg2"))  # -2 ln u = -2 ln 2 log2 u
+        return radius * _approx(theta, "cos"), radius * _approx(theta, "sin")
+    else:
+        radius = tl.sqrt(-2.0 * tl.log(u))
+        return radius * tl.cos(theta), radius * tl.sin(theta)
 
 
 @triton.jit
