@@ -40,12 +40,12 @@ timeout 90 $BENCH compiled --device cuda --programs small gmm vae \
   --out "$OUT/compiled_fp32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/compiled.log"
 ;;
 regenerated)
-timeout 300 $BENCH gpu-single --model mlp --particles 8 32 64 --warmup 6 --steps 20 --tf32 \
+timeout 200 $BENCH gpu-single --model mlp --particles 32 8 64 --warmup 6 --steps 20 --tf32 \
   --variants fused_analytic fused_analytic_graphs fused_regenerated fused_regenerated_graphs \
   --out "$OUT/regenerated_mlp_tf32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/regenerated_mlp.log"
-timeout 110 python3 benchmarks/graphs_check.py --particles 8 --steps 4 --out "$OUT/graphs_check.json" \
+timeout 60 python3 benchmarks/graphs_check.py --particles 8 --steps 4 --out "$OUT/graphs_check.json" \
   2>&1 | tee "$OUT/graphs_check.log" | tail -3
-timeout 160 python3 benchmarks/regenerated_check.py --particles 32 --out "$OUT/regenerated_check.json" \
+timeout 70 python3 benchmarks/regenerated_check.py --particles 32 --out "$OUT/regenerated_check.json" \
   2>&1 | tee "$OUT/regenerated_check.log" | tail -3
 ;;
 regenerated_peers)

@@ -24,7 +24,8 @@ from pyro_sp.distributed.streams import RNGStream, stream_seed
 from .bayesian_module import BayesianModule
 from .layer_estimators import ESTIMATORS, LayerEstimator, reparameterized_layers, swap_layers
 from .likelihoods import LogLikelihood, log_likelihood
-from .regenerated_noise import RegeneratedNoiseLinear, draw_seeds, require_triton, sampled_log_densities
+from .regenerated_noise import (RegeneratedNoiseLinear, draw_seeds, fp32_matmul_precision, require_triton,
+                               sampled_log_densities)
 
 __all__ = ["MeanFieldVI"]
 
@@ -447,8 +448,15 @@ class MeanFieldVI(torch.nn.Module):
         evaluation (``"eval"``): a stream seeded by (seed, purpose, rank, count), installed on
         the parameters' device. Training steps are counted apart from :meth:`loss` and
         :meth:`predict`, so evaluating on some ranks only cannot shift the training noise, and
-        a checkpoint needs only the step count (:meth:`get_extra_state`) to resume exactly."""
+        a checkpoint needs only the step count (:meth:`get_extra_state`) to resume exactly. Every
+        call of the posterior runs inside it, so it also hands regenerated-noise layers torch's
+        fp32 matmul precision."""
         count = self._steps if purpose == "step" else self._evals
+        if self.posterior.regenerated:  # torch's fp32 matmul setting, read here: compiled code cannot
+            precision = fp32_matmul_precision()
+            for layer in self.posterior.swapped.modules():
+                if isinstance(layer, RegeneratedNoiseLinear):
+                    layer.fp32_precision = precision
         if purpose != "step":
             self._evals += 1
         stream = RNGStream(stream_seed(self._seed, "mean_field_particles", purpose, self.mesh.rank, count))
@@ -576,6 +584,12 @@ class MeanFieldVI(torch.nn.Module):
         def stop_all():
             return failing_fast(what) if group is not None and not flat else contextlib.nullcontext()
 
+        if self.cuda_graphs:
+            # backward adds into .grad in place: a missing .grad would be taken from the graphs' outputs,
+            # whose memory the next replay overwrites
+            for p in self.posterior.trainable():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         work = None
         if validate and group is not None:
             local, value = guarded(lambda: self._local_loss(x, y, noise), group=group, what=what,

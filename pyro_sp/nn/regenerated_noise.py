@@ -73,7 +73,8 @@ _CUDA_TILES = {
                 (256, 64, 32, 8, 3), (256, 128, 32, 8, 2), (128, 32, 64, 4, 4)],
     "grad_input": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 2),
                    (256, 64, 32, 8, 3), (256, 128, 32, 8, 2)],
-    "grad_weight": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4), (32, 128, 64, 4, 4),
+    "grad_weight": [(128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4),
+                    (32, 128, 64, 4, 4),
                     (16, 128, 64, 4, 4)],
 }
 _NAMES = {"forward": ("BM", "BO", "BK"), "grad_input": ("BM", "BK", "BO"), "grad_weight": ("BO", "BK", "BM")}
@@ -153,15 +154,15 @@ class _Interpreted:
 def _index_scalars() -> None:
     """Triton's interpreter holds a kernel's scalar arguments as one-element arrays and turns them
     into loop bounds with ``int(array)``, which NumPy 2.4 refuses for arrays of one dimension; let it
-    take the element (once per process)."""
+    take the element (once per process; the patched function's arguments differ across Triton versions)."""
     from triton.runtime import interpreter
 
     patch = getattr(interpreter, "_patch_lang_tensor", None)
     if patch is None or getattr(patch, "_pyro_sp", False):
         return
 
-    def patched(tensor):
-        patch(tensor)
+    def patched(tensor, *args, **kwargs):
+        patch(tensor, *args, **kwargs)
         tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
 
     patched._pyro_sp = True
@@ -325,8 +326,12 @@ def noise_linear_backward(gy: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, 
             k.grad_input[grid](gy, loc, scale, seeds, gx, N, M, O, K, kq, *gy.stride(),
                                0 if shared else gx.stride(0), gx.stride(-2), gx.stride(-1),
                                SUM_PARTICLES=shared, ROUNDS=ROUNDS, PRECISION=precision, ACC=acc)
-    # split the particle sum where the weight has too few tiles to fill the GPU (summed after,
-    # in a fixed order: the result does not depend on timing)
+    # the mean's gradient sum_n gy[n].T @ x[n] draws no noise: one product (a shared input: of the
+    # particles' summed output gradients), in the input's dtype under the global matmul settings
+    gy_rows = gy.reshape(-1, O)
+    gloc = (gy.sum(0).T @ x) if shared else (gy_rows.T @ x.reshape(-1, K))
+    # the scale's sum_n (gy[n].T @ x[n]) * eps_n in the kernel; the particle sum split where the weight
+    # has too few tiles to fill the GPU (summed after, in a fixed order: the result does not depend on timing)
     splits = 1
     if x.device.type == "cuda":
         tiles = _cdiv(O, 64) * _cdiv(K, 64)
@@ -335,20 +340,16 @@ def noise_linear_backward(gy: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, 
     per_split = _cdiv(max(N, 1), splits)
     splits = _cdiv(max(N, 1), per_split)
     # every split writes its whole (O, K) share, zeros where it has no particle
-    shape = (splits, O, K) if splits > 1 else (O, K)
-    gloc = torch.empty(shape, dtype=loc.dtype, device=x.device)
-    gscale = torch.empty(shape, dtype=loc.dtype, device=x.device)
+    gscale = torch.empty((splits, O, K) if splits > 1 else (O, K), dtype=loc.dtype, device=x.device)
     if N == 0 or M == 0 or O == 0:
-        gloc.zero_(), gscale.zero_()
+        gscale.zero_()
     else:
         def grid_w(meta):
             return (_cdiv(O, meta["BO"]) * _cdiv(K, meta["BK"]), splits)
 
-        k.grad_weight[grid_w](gy, x, seeds, gloc, gscale, N, M, O, K, kq, *gy.stride(), sxn, x.stride(-2),
+        k.grad_weight[grid_w](gy, x, seeds, gscale, N, M, O, K, kq, *gy.stride(), sxn, x.stride(-2),
                               x.stride(-1), per_split, ROUNDS=ROUNDS, PRECISION=precision, ACC=acc)
-    if splits == 1:
-        return gx, gloc, gscale
-    return gx, gloc.sum(0), gscale.sum(0)
+    return gx, gloc.to(loc.dtype), (gscale if splits == 1 else gscale.sum(0))
 
 
 @noise_linear_backward.register_fake
@@ -457,6 +458,13 @@ def sampled_log_densities(loc, scale, prior_scale: float, seeds) -> tuple[torch.
     return log_p, log_q
 
 
+def fp32_matmul_precision() -> str:
+    """``"tf32"`` where torch lets fp32 products run in TF32 (``allow_tf32``, or
+    :func:`torch.set_float32_matmul_precision` other than ``"highest"``), else ``"ieee"``."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest" \
+        else "ieee"
+
+
 class RegeneratedNoiseLinear(torch.nn.Module):
     """
     A ``Linear`` whose Bayesian weight is drawn inside its products (:func:`noise_linear`). It holds
@@ -471,12 +479,13 @@ class RegeneratedNoiseLinear(torch.nn.Module):
         for name in ("weight", "weight_scale", "weight_seed"):
             self.register_buffer(name, torch.empty(0), persistent=False)
         self.register_buffer("bias", None if layer.bias is None else torch.empty(0), persistent=False)
+        #: the fp32 products' precision, set from :func:`fp32_matmul_precision` before each call by
+        #: whoever runs the layer (outside compiled code, which cannot read torch's setting)
+        self.fp32_precision = "ieee"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
         precision = "bf16" if (torch.is_autocast_enabled(device)
-                               and torch.get_autocast_dtype(device) == torch.bfloat16) else \
-            ("tf32" if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest"
-             else "ieee")
+                               and torch.get_autocast_dtype(device) == torch.bfloat16) else self.fp32_precision
         y = noise_linear_particle(x, self.weight, self.weight_scale, self.weight_seed, precision)
         return y if self.bias is None else y + self.bias
