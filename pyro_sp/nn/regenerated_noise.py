@@ -28,8 +28,9 @@ and read several times a step (at :math:`N = 32` on a 3072→2048→2048→10 ML
 tile of :math:`\varepsilon_n` it needs from particle :math:`n`'s 64-bit seed and
 the tile's position (Philox4x32-10, the generator of cuRAND and of PyTorch's
 CUDA tensors, and Box–Muller), forms :math:`W_n` in registers and multiplies;
-the weight-gradient kernel sums :math:`G_n^\top x_n` and its product with
-:math:`\varepsilon_n` over the particles without writing either. The same seed
+the weight-gradient kernel sums :math:`(G_n^\top x_n) \odot \varepsilon_n` over the
+particles without writing a term, and :math:`\sum_n G_n^\top x_n`, which needs no
+noise, is one matrix product (of :math:`\sum_n G_n` where the input is shared). The same seed
 gives the same :math:`\varepsilon_n` in every kernel, so the gradients are those
 of the loss that was computed: the estimator is the exact one, with the noise
 from another generator. :func:`weight_noise` writes the noise of given seeds
