@@ -240,6 +240,34 @@ def test_steps_are_reproducible_and_train():
     assert runs[0][-1] < runs[0][0]
 
 
+def test_layers_follow_torchs_fp32_matmul_setting(monkeypatch):
+    """The layers' product precision follows torch's setting at each call (read outside compiled
+    code, which cannot read it without a graph break), and the kernels get it."""
+    x, y = _data()
+    vi = MeanFieldVI(_bnn("all"), num_particles=2, num_data=NUM_DATA, weight_noise="regenerated", seed=0,
+                     compile=True)
+    layers = [m for m in vi.posterior.swapped.modules() if isinstance(m, rn.RegeneratedNoiseLinear)]
+    seen = []
+    forward = rn.noise_linear
+
+    def recording(x, loc, scale, seeds, shared, precision):
+        seen.append(precision)
+        return forward(x, loc, scale, seeds, shared, precision)
+
+    monkeypatch.setattr(rn, "noise_linear", recording)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        for setting, expected in (("highest", "ieee"), ("high", "tf32"), ("highest", "ieee")):
+            torch.set_float32_matmul_precision(setting)
+            seen.clear()
+            vi.loss(x, y)  # the eager posterior
+            assert [m.fp32_precision for m in layers] == [expected] * len(layers)
+            assert seen and set(seen) == {expected}, (setting, seen)
+            float(vi.loss_and_backward(x, y))  # the compiled step: recompiled on the change, no error
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_mean_field_argument_errors():
     with pytest.raises(ValueError, match="weight_noise in"):
         MeanFieldVI(_bnn("all"), num_particles=2, weight_noise="fused")
