@@ -64,6 +64,9 @@ class _Posterior(torch.nn.Module):
             self.layers = {} if estimator == "exact" else reparameterized_layers(bnn.module, self.names, estimator)
             make = lambda layer, bayesian_bias: LayerEstimator(layer, estimator, bayesian_bias)  # noqa: E731
         object.__setattr__(self, "swapped", swap_layers(bnn.module, self.layers, make) if self.layers else None)
+        #: the swapped regenerated-noise layers, handed torch's fp32 matmul precision before each call
+        self.regenerated_layers = [m for m in (self.swapped.modules() if self.swapped is not None else ())
+                                   if isinstance(m, RegeneratedNoiseLinear)]
         # Bayesian tensor name -> (its layer's prefix, "weight" or "bias"): the ones the layers take
         self._layer_of = {}
         for path, bayesian_bias in self.layers.items():
@@ -454,11 +457,10 @@ class MeanFieldVI(torch.nn.Module):
         call of the posterior runs inside it, so it also hands regenerated-noise layers torch's
         fp32 matmul precision."""
         count = self._steps if purpose == "step" else self._evals
-        if self.posterior.regenerated:  # torch's fp32 matmul setting, read here: compiled code cannot
+        if self.posterior.regenerated_layers:  # torch's fp32 matmul setting, read here: compiled code cannot
             precision = fp32_matmul_precision()
-            for layer in self.posterior.swapped.modules():
-                if isinstance(layer, RegeneratedNoiseLinear):
-                    layer.fp32_precision = precision
+            for layer in self.posterior.regenerated_layers:
+                layer.fp32_precision = precision
         if purpose != "step":
             self._evals += 1
         stream = RNGStream(stream_seed(self._seed, "mean_field_particles", purpose, self.mesh.rank, count))
