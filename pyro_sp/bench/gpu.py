@@ -183,13 +183,11 @@ def _attempt(variant, net, x, y, n, device, warmup, steps, mesh=None, record: bo
                     step()
             result["collectives_per_step"] = collectives_per_step(rec, RECORDED_STEPS)
         return result
-    except torch.OutOfMemoryError:
-        if mesh is not None and mesh.world_size > 1:
-            raise  # the other ranks are inside the step's collectives: stop the whole job
-        return "out of memory"
     except Exception as e:
         if mesh is not None and mesh.world_size > 1:
-            raise
+            raise  # the other ranks are inside the step's collectives: stop the whole job
+        if isinstance(e, torch.OutOfMemoryError):
+            return "out of memory"
         # one process: the failure is this variant's row (traceback on stderr), the others still run
         traceback.print_exc()
         return f"failed: {type(e).__name__}: {str(e)[:500]}"
