@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 from pyro_sp.bench import write_result
+from pyro_sp.bench.timing import timed
 from pyro_sp.nn import regenerated_noise as rn
 
 SIZES = (3072, 2048, 2048, 10)
@@ -56,18 +57,9 @@ def layer_errors(n: int, k: int, o: int, shared: bool, device) -> dict:
     return out
 
 
-def _median_ms(fn, repeats: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def _median_ms(fn) -> float:
+    """Milliseconds per call of ``fn``: CUDA events, median of 20 after 3 untimed calls."""
+    return timed(fn, warmup=3, steps=20, device=torch.device("cuda"), events=True)["step_ms_median"]
 
 
 def layer_times(n: int, k: int, o: int, shared: bool, device, precision: str) -> dict:

@@ -42,6 +42,8 @@ def test_timing_loop():
     # warm-up steps untimed (each waited for), then before / step / wait per timed step
     assert calls == [1, -1, 1, -3, 0, 1, -6, 0, 1, -9, 0, 1, -12]
     assert set(timed(lambda: None, steps=2)) == {"step_ms_median"}  # no peak memory off CUDA
+    with pytest.raises(ValueError, match="Expected a CUDA device with events=True"):
+        step_times(lambda: None, steps=1, events=True)
 
 
 def test_overhead(tmp_path):

@@ -58,6 +58,7 @@ def step_times(
     device: torch.device | None = None,
     wait: Callable[[object], object] | None = None,
     before: Callable[[], object] | None = None,
+    events: bool = False,
 ) -> tuple[list[float], float | None]:
     """
     Run ``step`` ``warmup`` times untimed, then ``steps`` times timed.
@@ -71,10 +72,15 @@ def step_times(
         ``jax.block_until_ready``).
     :param before: called before each timed call, outside the timed interval
         (e.g. ``torch.distributed.barrier``, so the ranks start a step together).
+    :param bool events: time each call with CUDA events recorded around it on the current
+        stream (the device's time for the queued work, not the host's launch of it: for single
+        kernels); CUDA ``device`` only.
     :returns: the seconds of each timed call, and the peak memory over them in
         GiB (CUDA ``device``; else ``None``).
     """
     cuda = device is not None and device.type == "cuda"
+    if events and not cuda:
+        raise ValueError(f"Expected a CUDA device with events=True (CUDA events time the device), got {device}.")
     for _ in range(warmup):
         result = step()
         if wait is not None:
@@ -87,12 +93,17 @@ def step_times(
         if before is not None:
             before()
         synchronize(device)
+        if events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
         result = step()
         if wait is not None:
             wait(result)
+        if events:
+            end.record()
         synchronize(device)
-        times.append(time.perf_counter() - t0)
+        times.append(start.elapsed_time(end) / 1e3 if events else time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     return times, peak
 
