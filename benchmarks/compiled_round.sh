@@ -3,9 +3,11 @@
 #   bash benchmarks/compiled_round.sh compiled   # "The compiled general path"
 #   bash benchmarks/compiled_round.sh layers     # MeanFieldVI's layer estimators (TF32)
 #   bash benchmarks/compiled_round.sh short      # the main rows of both, in one call under 5 minutes
-#   bash benchmarks/compiled_round.sh regenerated  # MeanFieldVI with regenerated weight noise and with
-#                                                  # CUDA graphs (TF32), the graphs' check against the
-#                                                  # step without them, the kernels' device check
+#   bash benchmarks/compiled_round.sh regenerated  # the regenerated-noise kernels' device check and
+#                                                  # times, where a step's time goes (profiler), MeanFieldVI
+#                                                  # with regenerated weight noise and with CUDA graphs
+#                                                  # (TF32) beside raw torch.compile and the bare products
+#   bash benchmarks/compiled_round.sh graphs_check # CUDA graphs against the step without them
 #   bash benchmarks/compiled_round.sh regenerated_peers  # raw torch.compile (with and without
 #                                                  # torch.utils.checkpoint), the bare products, bf16, ViT
 # Needs the wheels of pyro-ppl and pyro-api in .whl/ on a machine without internet.
@@ -40,13 +42,21 @@ timeout 90 $BENCH compiled --device cuda --programs small gmm vae \
   --out "$OUT/compiled_fp32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/compiled.log"
 ;;
 regenerated)
-timeout 200 $BENCH gpu-single --model mlp --particles 32 8 64 --warmup 6 --steps 20 --tf32 \
-  --variants fused_analytic fused_analytic_graphs fused_regenerated fused_regenerated_graphs \
+timeout 100 python3 benchmarks/regenerated_check.py --particles 32 --out "$OUT/regenerated_check.json" \
+  2>&1 | tee "$OUT/regenerated_check.log" | tail -3
+for v in fused_regenerated fused_analytic; do
+  timeout 80 python3 benchmarks/step_profile.py --variant $v --particles 32 --tf32 --out "$OUT/profile_$v.json" \
+    2>&1 | grep -v -E "^INFO|USDT|^STAGE" | tee "$OUT/profile_$v.log"
+done
+timeout 200 $BENCH gpu-single --model mlp --particles 32 64 8 --warmup 6 --steps 20 --tf32 \
+  --variants fused_analytic fused_regenerated fused_regenerated_graphs \
   --out "$OUT/regenerated_mlp_tf32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/regenerated_mlp.log"
+timeout 90 python3 benchmarks/gpu_peers.py torch --tf32 --gemm --particles 32 64 --warmup 6 --steps 20 \
+  --out "$OUT/raw_torch_tf32.json" 2>&1 | tail -3
+;;
+graphs_check)
 timeout 60 python3 benchmarks/graphs_check.py --particles 8 --steps 4 --out "$OUT/graphs_check.json" \
   2>&1 | tee "$OUT/graphs_check.log" | tail -3
-timeout 70 python3 benchmarks/regenerated_check.py --particles 32 --out "$OUT/regenerated_check.json" \
-  2>&1 | tee "$OUT/regenerated_check.log" | tail -3
 ;;
 regenerated_peers)
 timeout 150 python3 benchmarks/gpu_peers.py torch --tf32 --gemm --checkpoint --particles 8 32 64 --warmup 6 \

@@ -4,7 +4,8 @@ against eager float64 PyTorch on the same noise (the seeds' noise written out), 
 Bayesian MLP's layer shapes (3072-2048-2048-10, batch 256): the relative error
 (Frobenius norm) of the product and of the three gradients, per input precision. Also the
 noise the compiled kernels draw against the noise Triton's interpreter draws on the CPU
-for the same seeds. Then the time of each kernel on those shapes (CUDA events, median of 20),
+for the same seeds. Then the time of each kernel on those shapes (CUDA events, median of 20;
+the backward with the weight gradients formed both ways, ``backward_fused`` the one-kernel way),
 next to the bare ``torch.bmm`` products they replace, and the time to draw the noise alone
 (the moments kernel: N O K normals drawn, 2 O K numbers written). Not a test: writes JSON.
 
@@ -71,10 +72,16 @@ def layer_times(n: int, k: int, o: int, shared: bool, device, precision: str) ->
     gy = torch.randn(n, BATCH, o, device=device)
     xb = x.expand(n, BATCH, k) if shared else x
     w = torch.randn(n, o, k, device=device)
+    def backward():
+        return rn.noise_linear_backward(gy, x, loc, scale, seeds, shared, precision, not shared)
+
+    times = {"forward": _median_ms(lambda: rn.noise_linear(x, loc, scale, seeds, shared, precision))}
+    for way in ("blas", "fused"):  # the weight gradients' two ways (regenerated_noise._WEIGHT_GRAD)
+        rn._WEIGHT_GRAD = way
+        times["backward" if way == "blas" else "backward_fused"] = _median_ms(backward)
+    rn._WEIGHT_GRAD = "blas"
     return {
-        "forward": _median_ms(lambda: rn.noise_linear(x, loc, scale, seeds, shared, precision)),
-        "backward": _median_ms(lambda: rn.noise_linear_backward(gy, x, loc, scale, seeds, shared, precision,
-                                                                not shared)),
+        **times,
         "noise_moments": _median_ms(lambda: rn.noise_moments(seeds, (o, k))),
         "bmm_forward": _median_ms(lambda: torch.bmm(xb, w.transpose(1, 2))),
         "bmm_backward": _median_ms(lambda: (torch.bmm(gy, w), torch.bmm(gy.transpose(1, 2), xb))),

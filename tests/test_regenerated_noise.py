@@ -49,6 +49,26 @@ def test_products_and_gradients_equal_eager_on_the_same_noise(shape, shared):
         assert_close(a, b, msg=f"gradient of the {name}")
 
 
+@pytest.mark.parametrize("weight_grad", ["blas", "fused"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_weight_gradients_in_chunks_equal_eager(shared, weight_grad, monkeypatch):
+    """The weight gradients over five particles formed two at a time (chunks of 2, 2 and 1, each
+    added to the last), and by the fused kernel."""
+    N, M, O, K = 5, 7, 6, 10
+    monkeypatch.setattr(rn, "CHUNK_BYTES", 2 * O * K * 8)
+    monkeypatch.setattr(rn, "_WEIGHT_GRAD", weight_grad)
+    g = torch.Generator().manual_seed(5)
+    loc = torch.randn(O, K, dtype=torch.float64, generator=g).requires_grad_()
+    scale = torch.rand(O, K, dtype=torch.float64, generator=g).requires_grad_()
+    x = torch.randn((M, K) if shared else (N, M, K), dtype=torch.float64, generator=g)
+    seeds = torch.randint(-(2**63), 2**63 - 1, (N,), dtype=torch.int64, generator=g)
+    gy = torch.randn(N, M, O, dtype=torch.float64, generator=g)
+    grads = torch.autograd.grad(rn.noise_linear(x, loc, scale, seeds, shared, "ieee"), (loc, scale), gy)
+    ref_grads = torch.autograd.grad(_reference(x, loc, scale, seeds, shared), (loc, scale), gy)
+    for name, a, b in zip(("loc", "scale"), grads, ref_grads):
+        assert_close(a, b, msg=f"gradient of the {name}")
+
+
 def test_noise_is_a_function_of_seed_and_position():
     seeds = torch.tensor([7, 8, 7], dtype=torch.int64)
     eps = rn.weight_noise(seeds, (5, 9))
@@ -81,10 +101,16 @@ def test_bf16_products_are_close_to_float64():
     g = torch.Generator().manual_seed(0)
     loc, scale = torch.randn(24, 40, generator=g), torch.rand(24, 40, generator=g)
     x, seeds = torch.randn(3, 16, 40, generator=g), torch.randint(0, 2**62, (3,), generator=g)
+    leaves = [t.requires_grad_() for t in (x, loc, scale)]
     low = rn.noise_linear(x, loc, scale, seeds, False, "bf16")
-    exact = _reference(x.double(), loc.double(), scale.double(), seeds, False)
-    err = (low.double() - exact).norm() / exact.norm()
-    assert 1e-5 < err < 2e-2, float(err)  # rounded (not silently fp32), to bf16's precision
+    gy = torch.randn(low.shape, generator=g)
+    exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    exact = _reference(*exact_leaves, seeds, False)
+    pairs = [(low, exact), *zip(torch.autograd.grad(low, leaves, gy),
+                                torch.autograd.grad(exact, exact_leaves, gy.double()))]
+    for i, (a, b) in enumerate(pairs):  # the product, then the input's, mean's and scale's gradients
+        err = (a.double() - b).norm() / b.norm()
+        assert 1e-5 < err < 2e-2, (i, float(err))  # rounded (not silently fp32), to bf16's precision
 
 
 def test_errors_say_what_was_expected():
@@ -268,6 +294,31 @@ def test_layers_follow_torchs_fp32_matmul_setting(monkeypatch):
         torch.set_float32_matmul_precision(previous)
 
 
+def test_fp32_setting_read_and_restored_in_either_api():
+    """torch >= 2.9 refuses to read its old TF32 flag once the new one was set: the layers read the
+    setting whichever API set it, and the weight-gradient products set it and restore it in the API
+    it was read from."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch < 2.9 has one API")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"  # the new API
+        assert rn.fp32_matmul_precision() == "tf32"
+        with rn._blas_precision("ieee"):
+            assert rn.fp32_matmul_precision() == "ieee"
+        assert matmul.fp32_precision == "tf32"
+        matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision("high")  # the old API
+        assert rn.fp32_matmul_precision() == "tf32"
+        with rn._blas_precision("ieee"):
+            pass
+        assert matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"  # readable, restored
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        matmul.fp32_precision = before
+
+
 def test_mean_field_argument_errors():
     with pytest.raises(ValueError, match="weight_noise in"):
         MeanFieldVI(_bnn("all"), num_particles=2, weight_noise="fused")
@@ -283,6 +334,7 @@ _SIGNATURES = {
     "forward_kernel": ("*fp32 *fp32 *fp32 *i64 *fp32" + " i32" * 10, ("BM", "BO", "BK"), {}),
     "grad_input_kernel": ("*fp32 *fp32 *fp32 *i64 *fp32" + " i32" * 11, ("BM", "BK", "BO"), {"SUM_PARTICLES": True}),
     "grad_weight_kernel": ("*fp32 *fp32 *i64 *fp32" + " i32" * 12, ("BO", "BK", "BM"), {}),
+    "weight_grad_kernel": ("*fp32 *i64 *fp32 *fp32" + " i32" * 5, ("BO", "BK"), {"ACCUMULATE": True}),
 }
 
 
@@ -309,6 +361,7 @@ def test_kernels_compile_for_hopper(name, precision, monkeypatch, tmp_path):
     constants = {**dict(zip(tiles, rn._CUDA_TILES[kind][0][:3])), **extra, "ROUNDS": rn.ROUNDS,
                  "PRECISION": precision, "ACC": tl.float32}
     names = list(kernel.arg_names)
+    constants = {n: v for n, v in constants.items() if n in names}  # weight_grad has no PRECISION, ACC
     runtime = iter(types.split())
     signature = {n: "constexpr" if n in constants else next(runtime) for n in names}
     source = ASTSource(kernel, signature, constexprs={(names.index(n),): v for n, v in constants.items()})

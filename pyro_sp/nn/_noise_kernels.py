@@ -219,6 +219,31 @@ def grad_weight_kernel(gy, x, seeds, gscale, N, M, O, K, Kq, sgn, sgm, sgo, sxn,
 
 
 @triton.jit
+def weight_grad_kernel(p, seeds, gloc, gscale, first, C, O, K, Kq, ACCUMULATE: tl.constexpr,
+                       BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
+    """The weight gradients' share of particles ``first ... first + C - 1`` from their products
+    ``P_c = gy[n].T @ x[n]`` (``p``, ``(C, O, K)``, written by the BLAS):
+    ``gloc (+)= sum_c P_c`` and ``gscale (+)= sum_c P_c * eps_{first + c}`` (added to what they hold
+    with ``ACCUMULATE``). One read of each product; the noise drawn again, tile by tile."""
+    offs_o, k0, offs_k = _tile(O, BO, BK)
+    mask = (offs_o[:, None] < O) & (offs_k[None, :] < K)
+    where = offs_o[:, None] * K + offs_k[None, :]
+    if ACCUMULATE:
+        s_loc = tl.load(gloc + where, mask=mask, other=0.0)
+        s_scale = tl.load(gscale + where, mask=mask, other=0.0)
+    else:
+        s_loc = tl.full((BO, BK), 0, gloc.dtype.element_ty)
+        s_scale = tl.full((BO, BK), 0, gloc.dtype.element_ty)
+    for c in range(0, C):
+        pc = tl.load(p + c * O * K + where, mask=mask, other=0.0).to(s_loc.dtype)
+        eps = _noise(tl.load(seeds + first + c), offs_o, k0, Kq, BO, BK, ROUNDS)
+        s_loc += pc
+        s_scale += pc * eps.to(s_loc.dtype)
+    tl.store(gloc + where, s_loc, mask=mask)
+    tl.store(gscale + where, s_scale, mask=mask)
+
+
+@triton.jit
 def noise_kernel(seeds, out, first, O, K, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
     """``out[n] = eps_{first + n}`` (``(O, K)`` each), written: the reference the tests compare with."""
     n = tl.program_id(1)

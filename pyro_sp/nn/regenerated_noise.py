@@ -77,9 +77,16 @@ _CUDA_TILES = {
     "grad_weight": [(128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4),
                     (32, 128, 64, 4, 4),
                     (16, 128, 64, 4, 4)],
+    # memory-bound: one read of the products, the noise drawn, two (O, K) sums
+    "weight_grad": [(32, 64, 0, 4, 3), (64, 64, 0, 4, 3), (32, 128, 0, 4, 3), (64, 128, 0, 8, 3),
+                    (128, 64, 0, 8, 3), (16, 128, 0, 4, 4)],
 }
-_NAMES = {"forward": ("BM", "BO", "BK"), "grad_input": ("BM", "BK", "BO"), "grad_weight": ("BO", "BK", "BM")}
-_KEYS = {"forward": ["M", "O", "K"], "grad_input": ["N", "M", "O", "K"], "grad_weight": ["N", "M", "O", "K"]}
+_NAMES = {"forward": ("BM", "BO", "BK"), "grad_input": ("BM", "BK", "BO"), "grad_weight": ("BO", "BK", "BM"),
+          "weight_grad": ("BO", "BK")}
+_KEYS = {"forward": ["M", "O", "K"], "grad_input": ["N", "M", "O", "K"], "grad_weight": ["N", "M", "O", "K"],
+         "weight_grad": ["C", "O", "K"]}
+#: what a weight_grad launch adds to, restored between the autotuner's trial runs
+_RESTORE = {"weight_grad": ["gloc", "gscale"]}
 _INTERPRETER_TILE = (16, 16, 16)
 _NOISE_TILE = (32, 64)
 
@@ -205,14 +212,14 @@ def kernels(device: torch.device):
         if interpret:  # the two noise kernels take their tile from the caller
             module.noise_kernel = _Interpreted(module.noise_kernel, {})
             module.moments_kernel = _Interpreted(module.moments_kernel, {})
-        for kind in ("forward", "grad_input", "grad_weight"):
+        for kind in ("forward", "grad_input", "grad_weight", "weight_grad"):
             kernel = getattr(module, f"{kind}_kernel")
             if interpret:
                 launcher = _Interpreted(kernel, dict(zip(_NAMES[kind], _INTERPRETER_TILE)))
             else:
                 configs = [triton.Config(dict(zip(_NAMES[kind], tile[:3])), num_warps=tile[3], num_stages=tile[4])
                            for tile in _CUDA_TILES[kind]]
-                launcher = triton.autotune(configs, key=_KEYS[kind])(kernel)
+                launcher = triton.autotune(configs, key=_KEYS[kind], restore_value=_RESTORE.get(kind))(kernel)
             setattr(module, kind, launcher)
         _KERNELS[interpret] = module
     return _KERNELS[interpret]
@@ -314,7 +321,6 @@ def noise_linear_backward(gy: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, 
     loc, scale = loc.contiguous(), scale.contiguous()
     N, (O, K), M = seeds.shape[0], loc.shape, x.shape[-2]
     kq, precision, acc = _cdiv(K, 4), _precision(x, loc, precision), _accumulator(x.dtype)
-    sxn = 0 if shared else x.stride(0)
     gx = torch.empty(0, dtype=x.dtype, device=x.device)
     if input_grad:
         gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -327,12 +333,94 @@ def noise_linear_backward(gy: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, 
             k.grad_input[grid](gy, loc, scale, seeds, gx, N, M, O, K, kq, *gy.stride(),
                                0 if shared else gx.stride(0), gx.stride(-2), gx.stride(-1),
                                SUM_PARTICLES=shared, ROUNDS=ROUNDS, PRECISION=precision, ACC=acc)
+    if _WEIGHT_GRAD == "fused":
+        gloc, gscale = _weight_grads_fused(k, gy, x, seeds, shared, precision, acc)
+    else:
+        gloc, gscale = _weight_grads(k, gy, x, seeds, shared, precision)
+    return gx, gloc.to(loc.dtype), gscale.to(loc.dtype)
+
+
+#: how :func:`noise_linear_backward` forms the weight gradients: ``"blas"`` (:func:`_weight_grads`) or
+#: ``"fused"`` (one Triton kernel, :func:`_weight_grads_fused`)
+_WEIGHT_GRAD = "blas"
+#: the most memory the particles' weight-gradient products take at a time (a chunk of particles)
+CHUNK_BYTES = 256 * 2**20
+
+
+def _weight_grads(k, gy, x, seeds, shared, precision) -> tuple[torch.Tensor, torch.Tensor]:
+    r""":math:`\sum_n G_n^\top x_n` and :math:`\sum_n (G_n^\top x_n) \odot \varepsilon_n`: the products
+    :math:`P_n = G_n^\top x_n` by the BLAS for a chunk of particles at a time (at most
+    :data:`CHUNK_BYTES`), then one pass over them that adds :math:`P_n` and :math:`P_n \varepsilon_n`, the
+    noise drawn again (:func:`~pyro_sp.nn._noise_kernels.weight_grad_kernel`). In fp32, or float64."""
+    N, M, O = gy.shape
+    K = x.shape[-1]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gloc = torch.empty((O, K), dtype=dtype, device=x.device)
+    gscale = torch.empty((O, K), dtype=dtype, device=x.device)
+    if N == 0 or M == 0 or O == 0 or K == 0:
+        return gloc.zero_(), gscale.zero_()
+    chunk = max(1, min(N, CHUNK_BYTES // (O * K * gloc.element_size())))
+    grid = lambda meta: (_cdiv(O, meta["BO"]) * _cdiv(K, meta["BK"]),)  # noqa: E731
+    for first in range(0, N, chunk):
+        last = min(N, first + chunk)
+        p = _weight_products(gy[first:last], x if shared else x[first:last], shared, precision, dtype)
+        k.weight_grad[grid](p, seeds, gloc, gscale, first, last - first, O, K, _cdiv(K, 4),
+                            ACCUMULATE=first > 0, ROUNDS=ROUNDS)
+    return gloc, gscale
+
+
+def _weight_products(gy, x, shared, precision, dtype) -> torch.Tensor:
+    r""":math:`P_n = G_n^\top x_n`, ``(C, O, K)`` in ``dtype``, for ``gy`` ``(C, M, O)`` and ``x``
+    ``(C, M, K)`` or, ``shared``, ``(M, K)`` (then one ``(C O, M) @ (M, K)`` product), with the inputs
+    in the ``precision`` the forward kernel multiplied them in."""
+    C, M, O = gy.shape
+    gt = gy.transpose(1, 2)
+    if precision.startswith("bf16"):
+        gt, x = gt.to(torch.bfloat16), x.to(torch.bfloat16)
+        if precision == "bf16_emulated":  # bf16 inputs, fp32 products (exact) and sums: the same numbers
+            gt, x = gt.to(dtype), x.to(dtype)
+    with _blas_precision(precision):
+        if shared:
+            a = gt.reshape(C * O, M)
+            p = torch.mm(a, x, out_dtype=dtype) if precision == "bf16" else torch.mm(a, x.to(a.dtype))
+            return p.view(C, O, -1)
+        return torch.bmm(gt, x, out_dtype=dtype) if precision == "bf16" else torch.bmm(gt, x.to(gt.dtype))
+
+
+@contextlib.contextmanager
+def _blas_precision(precision: str):
+    """torch's fp32 products in TF32 for ``"tf32"`` and in fp32 otherwise, for the block (restored
+    after, in the API it was read from: torch refuses to read the old one once the new one is set)."""
+    matmul = torch.backends.cuda.matmul
+    wanted = precision == "tf32"
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        old = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if wanted else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = old
+    else:  # pragma: no cover - older torch
+        old = matmul.allow_tf32
+        matmul.allow_tf32 = wanted
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = old
+
+
+def _weight_grads_fused(k, gy, x, seeds, shared, precision, acc) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight gradients of :func:`_weight_grads` with the scale's in one Triton kernel
+    (``grad_weight_kernel``) that never writes a product, and the mean's one matrix product."""
+    N, M, O = gy.shape
+    K = x.shape[-1]
+    sxn = 0 if shared else x.stride(0)
     # the mean's gradient sum_n gy[n].T @ x[n] draws no noise: one product (a shared input: of the
     # particles' summed output gradients), in the input's dtype under the global matmul settings
     gy_rows = gy.reshape(-1, O)
     gloc = (gy.sum(0).T @ x) if shared else (gy_rows.T @ x.reshape(-1, K))
-    # the scale's sum_n (gy[n].T @ x[n]) * eps_n in the kernel; the particle sum split where the weight
-    # has too few tiles to fill the GPU (summed after, in a fixed order: the result does not depend on timing)
+    # the particle sum split where the weight has too few tiles to fill the GPU (summed after, in a
+    # fixed order: the result does not depend on timing)
     splits = 1
     if x.device.type == "cuda":
         tiles = _cdiv(O, 64) * _cdiv(K, 64)
@@ -341,16 +429,16 @@ def noise_linear_backward(gy: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, 
     per_split = _cdiv(max(N, 1), splits)
     splits = _cdiv(max(N, 1), per_split)
     # every split writes its whole (O, K) share, zeros where it has no particle
-    gscale = torch.empty((splits, O, K) if splits > 1 else (O, K), dtype=loc.dtype, device=x.device)
+    gscale = torch.empty((splits, O, K) if splits > 1 else (O, K), dtype=x.dtype, device=x.device)
     if N == 0 or M == 0 or O == 0:
         gscale.zero_()
     else:
         def grid_w(meta):
             return (_cdiv(O, meta["BO"]) * _cdiv(K, meta["BK"]), splits)
 
-        k.grad_weight[grid_w](gy, x, seeds, gscale, N, M, O, K, kq, *gy.stride(), sxn, x.stride(-2),
+        k.grad_weight[grid_w](gy, x, seeds, gscale, N, M, O, K, _cdiv(K, 4), *gy.stride(), sxn, x.stride(-2),
                               x.stride(-1), per_split, ROUNDS=ROUNDS, PRECISION=precision, ACC=acc)
-    return gx, gloc.to(loc.dtype), (gscale if splits == 1 else gscale.sum(0))
+    return gloc, (gscale if splits == 1 else gscale.sum(0))
 
 
 @noise_linear_backward.register_fake
@@ -462,8 +550,14 @@ def sampled_log_densities(loc, scale, prior_scale: float, seeds) -> tuple[torch.
 def fp32_matmul_precision() -> str:
     """``"tf32"`` where torch lets fp32 products run in TF32 (``allow_tf32``, or
     :func:`torch.set_float32_matmul_precision` other than ``"highest"``), else ``"ieee"``."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest" \
-        else "ieee"
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: reads both APIs' settings (the old one's
+        # getter refuses to read once the new one was set)
+        setting = matmul.fp32_precision
+        if setting == "none":
+            setting = torch.backends.fp32_precision
+        return "tf32" if setting == "tf32" else "ieee"
+    return "tf32" if matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest" else "ieee"  # pragma: no cover
 
 
 class RegeneratedNoiseLinear(torch.nn.Module):
