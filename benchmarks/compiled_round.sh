@@ -68,3 +68,14 @@ timeout 200 $BENCH gpu-single --model vit --particles 8 32 --warmup 4 --steps 10
   --variants fused_analytic fused_regenerated --out "$OUT/regenerated_vit_tf32.json" 2>&1 | grep -v -E "^INFO|USDT"
 ;;
 esac
+# the regenerated-noise products in Triton kernels against weights written for the BLAS (a trial)
+if [ "$1" = products ]; then
+timeout 240 python3 benchmarks/regenerated_check.py --particles 32 --out "$OUT/regenerated_check.json" \
+  2>&1 | tee "$OUT/regenerated_check.log" | cut -c1-300
+for pr in kernels blas; do
+  for n in 32 8; do
+    timeout 70 python3 benchmarks/step_profile.py --variant fused_regenerated --products $pr --particles $n --tf32 \
+      --out "$OUT/profile_${pr}_$n.json" 2>&1 | grep -v -E "^INFO|USDT" | head -8
+  done
+done
+fi

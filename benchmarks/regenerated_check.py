@@ -15,6 +15,7 @@ next to the bare ``torch.bmm`` products they replace, and the time to draw the n
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -63,26 +64,40 @@ def _median_ms(fn) -> float:
     return timed(fn, warmup=3, steps=20, device=torch.device("cuda"), events=True)["step_ms_median"]
 
 
-def layer_times(n: int, k: int, o: int, shared: bool, device, precision: str) -> dict:
-    """Milliseconds per call of the three kernels and of the noise alone, and of the bmm products."""
+#: the ways of forming the products and the weight gradients compared, as
+#: (regenerated_noise._PRODUCTS, regenerated_noise._WEIGHT_GRAD)
+MODES = {"kernels": ("kernels", "blas"), "blas": ("blas", "blas"), "fused": ("kernels", "fused")}
+#: the ViT-small's Linear layers (out, in) with its rows per particle (batch 128 x 64 tokens)
+VIT_LAYERS = ((576, 192), (192, 192), (384, 192), (192, 384))
+VIT_ROWS = 128 * 64
+
+
+def layer_times(n: int, k: int, o: int, shared: bool, device, precision: str, batch: int = BATCH,
+                modes=("kernels", "blas", "fused")) -> dict:
+    """Milliseconds per call of the forward and backward of each way (:data:`MODES`), of the noise
+    alone, of the weights written (``weights``: what the ``blas`` way draws per product) and of the
+    bmm products they replace."""
     loc = torch.zeros(o, k, device=device)
     scale = torch.full((o, k), 0.01, device=device)
-    x = torch.randn((BATCH, k) if shared else (n, BATCH, k), device=device)
+    x = torch.randn((batch, k) if shared else (n, batch, k), device=device)
     seeds = torch.arange(n, dtype=torch.int64, device=device)
-    gy = torch.randn(n, BATCH, o, device=device)
-    xb = x.expand(n, BATCH, k) if shared else x
+    gy = torch.randn(n, batch, o, device=device)
+    xb = x.expand(n, batch, k) if shared else x
     w = torch.randn(n, o, k, device=device)
-    def backward():
-        return rn.noise_linear_backward(gy, x, loc, scale, seeds, shared, precision, not shared)
-
-    times = {"forward": _median_ms(lambda: rn.noise_linear(x, loc, scale, seeds, shared, precision))}
-    for way in ("blas", "fused"):  # the weight gradients' two ways (regenerated_noise._WEIGHT_GRAD)
-        rn._WEIGHT_GRAD = way
-        times["backward" if way == "blas" else "backward_fused"] = _median_ms(backward)
-    rn._WEIGHT_GRAD = "blas"
+    times = {}
+    for mode in modes:
+        rn._PRODUCTS, rn._WEIGHT_GRAD = MODES[mode]
+        times[f"forward_{mode}"] = _median_ms(lambda: rn.noise_linear(x, loc, scale, seeds, shared, precision))
+        times[f"backward_{mode}"] = _median_ms(
+            lambda: rn.noise_linear_backward(gy, x, loc, scale, seeds, shared, precision, not shared))
+    rn._PRODUCTS, rn._WEIGHT_GRAD = MODES["kernels"]
+    k_ = rn.kernels(device)
+    wdtype = torch.bfloat16 if precision == "bf16" else torch.float32
     return {
+        "shape": {"particles": n, "rows": batch, "in": k, "out": o, "shared_input": shared},
         **times,
         "noise_moments": _median_ms(lambda: rn.noise_moments(seeds, (o, k))),
+        "weights": _median_ms(lambda: rn._weights(k_, loc, scale, seeds, 0, n, wdtype)),
         "bmm_forward": _median_ms(lambda: torch.bmm(xb, w.transpose(1, 2))),
         "bmm_backward": _median_ms(lambda: (torch.bmm(gy, w), torch.bmm(gy.transpose(1, 2), xb))),
     }
@@ -91,6 +106,7 @@ def layer_times(n: int, k: int, o: int, shared: bool, device, precision: str) ->
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--particles", type=int, default=32)
+    p.add_argument("--vit-particles", type=int, default=8)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = torch.device("cuda")
@@ -102,17 +118,23 @@ def main():
         if args.out:
             write_result(args.out, result)
 
-    torch.backends.cuda.matmul.allow_tf32 = True
-    save(times_ms={precision: [layer_times(args.particles, k, o, i == 0, device, precision)
-                               for i, (k, o) in enumerate(zip(SIZES[:-1], SIZES[1:]))]
-                   for precision in ("tf32", "bf16")})
+    torch.set_float32_matmul_precision("high")
+    layers = list(enumerate(itertools.pairwise(SIZES)))
+    save(times_ms={"tf32": [layer_times(args.particles, k, o, i == 0, device, "tf32") for i, (k, o) in layers]})
     seeds = torch.tensor([0, 1, -5, 2**62], dtype=torch.int64)
     on_gpu = rn.weight_noise(seeds.to(device), (33, 70)).cpu()
     on_cpu = rn.weight_noise(seeds, (33, 70))
     save(noise={"max_abs_difference_gpu_vs_interpreter": float((on_gpu - on_cpu).abs().max()),
                 "max_abs_noise": float(on_cpu.abs().max())})
-    save(layers=[layer_errors(args.particles, k, o, i == 0, device)
-                 for i, (k, o) in enumerate(zip(SIZES[:-1], SIZES[1:]))])
+    errors = {}
+    for mode in ("kernels", "blas"):
+        rn._PRODUCTS, rn._WEIGHT_GRAD = MODES[mode]
+        errors[mode] = [layer_errors(args.particles, k, o, i == 0, device) for i, (k, o) in layers]
+        save(layers=errors)
+    save(vit_times_ms={"tf32": [layer_times(args.vit_particles, k, o, False, device, "tf32", VIT_ROWS,
+                                            ("kernels", "blas")) for o, k in VIT_LAYERS]})
+    save(bf16_times_ms=[layer_times(args.particles, k, o, i == 0, device, "bf16", modes=("kernels", "blas"))
+                        for i, (k, o) in layers])
 
 
 if __name__ == "__main__":

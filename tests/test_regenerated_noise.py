@@ -29,10 +29,12 @@ def _reference(x, loc, scale, seeds, shared):
     return torch.einsum("mk,nok->nmo" if shared else "nmk,nok->nmo", x, loc + scale * eps)
 
 
+@pytest.mark.parametrize("products", ["kernels", "blas"])
 @pytest.mark.parametrize("shared", [False, True])
 # (N, M, O, K); the interpreter's tiles are 16 wide: M = 37 is three row chunks, the last one partial
 @pytest.mark.parametrize("shape", [(3, 9, 10, 21), (1, 1, 5, 3), (4, 12, 20, 36), (2, 37, 6, 9)])
-def test_products_and_gradients_equal_eager_on_the_same_noise(shape, shared):
+def test_products_and_gradients_equal_eager_on_the_same_noise(shape, shared, products, monkeypatch):
+    monkeypatch.setattr(rn, "_PRODUCTS", products)
     N, M, O, K = shape
     g = torch.Generator().manual_seed(sum(shape))
     loc = torch.randn(O, K, dtype=torch.float64, generator=g).requires_grad_()
@@ -49,23 +51,26 @@ def test_products_and_gradients_equal_eager_on_the_same_noise(shape, shared):
         assert_close(a, b, msg=f"gradient of the {name}")
 
 
-@pytest.mark.parametrize("weight_grad", ["blas", "fused"])
+@pytest.mark.parametrize("weight_grad,products", [("blas", "blas"), ("blas", "kernels"), ("fused", "kernels")])
 @pytest.mark.parametrize("shared", [False, True])
-def test_weight_gradients_in_chunks_equal_eager(shared, weight_grad, monkeypatch):
-    """The weight gradients over five particles formed two at a time (chunks of 2, 2 and 1, each
+def test_gradients_in_chunks_equal_eager(shared, weight_grad, products, monkeypatch):
+    """The products and gradients over five particles formed two at a time (chunks of 2, 2 and 1, each
     added to the last), and by the fused kernel."""
     N, M, O, K = 5, 7, 6, 10
     monkeypatch.setattr(rn, "CHUNK_BYTES", 2 * O * K * 8)
     monkeypatch.setattr(rn, "_WEIGHT_GRAD", weight_grad)
+    monkeypatch.setattr(rn, "_PRODUCTS", products)
     g = torch.Generator().manual_seed(5)
     loc = torch.randn(O, K, dtype=torch.float64, generator=g).requires_grad_()
     scale = torch.rand(O, K, dtype=torch.float64, generator=g).requires_grad_()
-    x = torch.randn((M, K) if shared else (N, M, K), dtype=torch.float64, generator=g)
+    x = torch.randn((M, K) if shared else (N, M, K), dtype=torch.float64, generator=g).requires_grad_()
     seeds = torch.randint(-(2**63), 2**63 - 1, (N,), dtype=torch.int64, generator=g)
     gy = torch.randn(N, M, O, dtype=torch.float64, generator=g)
-    grads = torch.autograd.grad(rn.noise_linear(x, loc, scale, seeds, shared, "ieee"), (loc, scale), gy)
-    ref_grads = torch.autograd.grad(_reference(x, loc, scale, seeds, shared), (loc, scale), gy)
-    for name, a, b in zip(("loc", "scale"), grads, ref_grads):
+    y, ref = rn.noise_linear(x, loc, scale, seeds, shared, "ieee"), _reference(x, loc, scale, seeds, shared)
+    assert_close(y, ref, msg="product")
+    grads = torch.autograd.grad(y, (x, loc, scale), gy)
+    ref_grads = torch.autograd.grad(ref, (x, loc, scale), gy)
+    for name, a, b in zip(("input", "loc", "scale"), grads, ref_grads):
         assert_close(a, b, msg=f"gradient of the {name}")
 
 
@@ -97,7 +102,9 @@ def test_noise_is_standard_normal_and_independent():
         assert abs(r) < 5 / math.sqrt(a.numel()), float(r)
 
 
-def test_bf16_products_are_close_to_float64():
+@pytest.mark.parametrize("products", ["kernels", "blas"])
+def test_bf16_products_are_close_to_float64(products, monkeypatch):
+    monkeypatch.setattr(rn, "_PRODUCTS", products)
     g = torch.Generator().manual_seed(0)
     loc, scale = torch.randn(24, 40, generator=g), torch.rand(24, 40, generator=g)
     x, seeds = torch.randn(3, 16, 40, generator=g), torch.randint(0, 2**62, (3,), generator=g)
@@ -335,6 +342,7 @@ _SIGNATURES = {
     "grad_input_kernel": ("*fp32 *fp32 *fp32 *i64 *fp32" + " i32" * 11, ("BM", "BK", "BO"), {"SUM_PARTICLES": True}),
     "grad_weight_kernel": ("*fp32 *fp32 *i64 *fp32" + " i32" * 12, ("BO", "BK", "BM"), {}),
     "weight_grad_kernel": ("*fp32 *i64 *fp32 *fp32" + " i32" * 5, ("BO", "BK"), {"ACCUMULATE": True}),
+    "weight_kernel": ("*fp32 *fp32 *i64 *fp32" + " i32" * 4, ("BO", "BK"), {"AFFINE": True}),
 }
 
 

@@ -244,13 +244,21 @@ def weight_grad_kernel(p, seeds, gloc, gscale, first, C, O, K, Kq, ACCUMULATE: t
 
 
 @triton.jit
-def noise_kernel(seeds, out, first, O, K, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
-    """``out[n] = eps_{first + n}`` (``(O, K)`` each), written: the reference the tests compare with."""
-    n = tl.program_id(1)
+def weight_kernel(loc, scale, seeds, out, first, O, K, Kq, AFFINE: tl.constexpr, BO: tl.constexpr,
+                  BK: tl.constexpr, ROUNDS: tl.constexpr):
+    """``out[c] = loc + scale * eps_{first + c}`` (``(O, K)`` each, in ``out``'s dtype) for
+    ``c = program_id(1)``: the weights that a BLAS product then reads; without ``AFFINE``, the noise
+    ``eps`` itself (``loc`` and ``scale`` unread), the reference the tests compare with."""
+    c = tl.program_id(1)
     offs_o, k0, offs_k = _tile(O, BO, BK)
-    eps = _noise(tl.load(seeds + first + n), offs_o, k0, Kq, BO, BK, ROUNDS)
-    tl.store(out + n * O * K + offs_o[:, None] * K + offs_k[None, :], eps.to(out.dtype.element_ty),
-             mask=(offs_o[:, None] < O) & (offs_k[None, :] < K))
+    eps = _noise(tl.load(seeds + first + c), offs_o, k0, Kq, BO, BK, ROUNDS)
+    mask = (offs_o[:, None] < O) & (offs_k[None, :] < K)
+    where = offs_o[:, None] * K + offs_k[None, :]
+    if AFFINE:
+        mu = tl.load(loc + where, mask=mask, other=0.0)
+        sigma = tl.load(scale + where, mask=mask, other=0.0)
+        eps = mu + sigma * eps.to(mu.dtype)
+    tl.store(out + c * O * K + where, eps.to(out.dtype.element_ty), mask=mask)
 
 
 @triton.jit

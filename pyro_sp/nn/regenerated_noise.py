@@ -80,11 +80,13 @@ _CUDA_TILES = {
     # memory-bound: one read of the products, the noise drawn, two (O, K) sums
     "weight_grad": [(32, 64, 0, 4, 3), (64, 64, 0, 4, 3), (32, 128, 0, 4, 3), (64, 128, 0, 8, 3),
                     (128, 64, 0, 8, 3), (16, 128, 0, 4, 4)],
+    # elementwise: the noise drawn, the weights written
+    "weight": [(32, 64, 0, 4, 1), (64, 64, 0, 4, 1), (32, 128, 0, 4, 1), (64, 128, 0, 8, 1), (16, 128, 0, 4, 1)],
 }
 _NAMES = {"forward": ("BM", "BO", "BK"), "grad_input": ("BM", "BK", "BO"), "grad_weight": ("BO", "BK", "BM"),
-          "weight_grad": ("BO", "BK")}
+          "weight_grad": ("BO", "BK"), "weight": ("BO", "BK")}
 _KEYS = {"forward": ["M", "O", "K"], "grad_input": ["N", "M", "O", "K"], "grad_weight": ["N", "M", "O", "K"],
-         "weight_grad": ["C", "O", "K"]}
+         "weight_grad": ["C", "O", "K"], "weight": ["O", "K"]}
 #: what a weight_grad launch adds to, restored between the autotuner's trial runs
 _RESTORE = {"weight_grad": ["gloc", "gscale"]}
 _INTERPRETER_TILE = (16, 16, 16)
@@ -209,10 +211,9 @@ def kernels(device: torch.device):
         import triton
 
         module = kernel_module(interpret)
-        if interpret:  # the two noise kernels take their tile from the caller
-            module.noise_kernel = _Interpreted(module.noise_kernel, {})
+        if interpret:  # the moments kernel takes its tile from the caller
             module.moments_kernel = _Interpreted(module.moments_kernel, {})
-        for kind in ("forward", "grad_input", "grad_weight", "weight_grad"):
+        for kind in ("forward", "grad_input", "grad_weight", "weight_grad", "weight"):
             kernel = getattr(module, f"{kind}_kernel")
             if interpret:
                 launcher = _Interpreted(kernel, dict(zip(_NAMES[kind], _INTERPRETER_TILE)))
@@ -295,14 +296,20 @@ def noise_linear(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, seeds:
     y = torch.empty((N, M, O), dtype=x.dtype, device=x.device)
     if N == 0 or M == 0 or O == 0:
         return y.zero_()
+    precision = _precision(x, loc, precision)
+    if _products(N, M, O, K) == "blas":
+        for first, last in _chunks(N, O, K):
+            w = _weights(k, loc, scale, seeds, first, last, _weight_dtype(x, loc, precision))
+            xc = x.expand(last - first, M, K) if shared else x[first:last]
+            y[first:last] = _bmm(xc, w.transpose(1, 2), precision)
+        return y
     sxn = 0 if shared else x.stride(0)
 
     def grid(meta):
         return (_cdiv(M, meta["BM"]) * _cdiv(O, meta["BO"]), N)
 
     k.forward[grid](x, loc, scale, seeds, y, M, O, K, _cdiv(K, 4), sxn, x.stride(-2), x.stride(-1),
-                    *y.stride(), ROUNDS=ROUNDS, PRECISION=_precision(x, loc, precision),
-                    ACC=_accumulator(x.dtype))
+                    *y.stride(), ROUNDS=ROUNDS, PRECISION=precision, ACC=_accumulator(x.dtype))
     return y
 
 
@@ -326,6 +333,16 @@ def noise_linear_backward(gy: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, 
         gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if N == 0 or M == 0 or O == 0:
             gx.zero_()
+        elif _products(N, M, O, K) == "blas":
+            if shared:
+                gx.zero_()
+            for first, last in _chunks(N, O, K):
+                w = _weights(k, loc, scale, seeds, first, last, _weight_dtype(x, loc, precision))
+                part = _bmm(gy[first:last], w, precision)
+                if shared:
+                    gx += part.sum(0)
+                else:
+                    gx[first:last] = part
         else:
             def grid(meta):
                 return (_cdiv(M, meta["BM"]) * _cdiv(K, meta["BK"]), 1 if shared else N)
@@ -347,6 +364,48 @@ _WEIGHT_GRAD = "blas"
 CHUNK_BYTES = 256 * 2**20
 
 
+#: which products run where: ``"kernels"`` (the Triton kernels that draw the noise inside the product:
+#: ``forward_kernel``, ``grad_input_kernel``) or ``"blas"`` (the weights of a chunk of particles written
+#: by ``weight_kernel``, then the BLAS)
+_PRODUCTS = "kernels"
+
+
+def _products(N: int, M: int, O: int, K: int) -> str:
+    return _PRODUCTS
+
+
+def _chunks(N: int, O: int, K: int, itemsize: int = 4):
+    """``(first, last)`` particle ranges whose ``(O, K)`` tensors take at most :data:`CHUNK_BYTES`."""
+    chunk = max(1, min(N, CHUNK_BYTES // max(1, O * K * itemsize)))
+    return [(first, min(N, first + chunk)) for first in range(0, N, chunk)]
+
+
+def _weight_dtype(x, loc, precision) -> torch.dtype:
+    """The dtype the BLAS multiplies the written weights in: bf16 for ``"bf16"``, else the inputs'."""
+    return torch.bfloat16 if precision.startswith("bf16") else torch.promote_types(x.dtype, loc.dtype)
+
+
+def _weights(k, loc, scale, seeds, first, last, dtype) -> torch.Tensor:
+    r""":math:`W_n = \mu + \sigma \varepsilon_n` for particles ``first ... last - 1``, written:
+    ``(last - first, O, K)`` in ``dtype`` (computed in the mean's dtype, then rounded)."""
+    O, K = loc.shape
+    w = torch.empty((last - first, O, K), dtype=dtype, device=loc.device)
+    grid = lambda meta: (_cdiv(O, meta["BO"]) * _cdiv(K, meta["BK"]), last - first)
+    k.weight[grid](loc, scale, seeds, w, first, O, K, _cdiv(K, 4), AFFINE=True, ROUNDS=ROUNDS)
+    return w
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """``a @ b`` batched, with the inputs in ``precision`` (``b`` already in its dtype; bf16: products
+    accumulated and returned in fp32), in ``a``'s dtype otherwise."""
+    with _blas_precision(precision):
+        if precision == "bf16":
+            return torch.bmm(a.to(torch.bfloat16), b, out_dtype=torch.float32)
+        if precision == "bf16_emulated":  # bf16 inputs, fp32 products (exact) and sums
+            return torch.bmm(a.to(torch.bfloat16).float(), b.float())
+        return torch.bmm(a.to(b.dtype), b)
+
+
 def _weight_grads(k, gy, x, seeds, shared, precision) -> tuple[torch.Tensor, torch.Tensor]:
     r""":math:`\sum_n G_n^\top x_n` and :math:`\sum_n (G_n^\top x_n) \odot \varepsilon_n`: the products
     :math:`P_n = G_n^\top x_n` by the BLAS for a chunk of particles at a time (at most
@@ -359,10 +418,8 @@ def _weight_grads(k, gy, x, seeds, shared, precision) -> tuple[torch.Tensor, tor
     gscale = torch.empty((O, K), dtype=dtype, device=x.device)
     if N == 0 or M == 0 or O == 0 or K == 0:
         return gloc.zero_(), gscale.zero_()
-    chunk = max(1, min(N, CHUNK_BYTES // (O * K * gloc.element_size())))
-    grid = lambda meta: (_cdiv(O, meta["BO"]) * _cdiv(K, meta["BK"]),)  # noqa: E731
-    for first in range(0, N, chunk):
-        last = min(N, first + chunk)
+    grid = lambda meta: (_cdiv(O, meta["BO"]) * _cdiv(K, meta["BK"]),)
+    for first, last in _chunks(N, O, K, gloc.element_size()):
         p = _weight_products(gy[first:last], x if shared else x[first:last], shared, precision, dtype)
         k.weight_grad[grid](p, seeds, gloc, gscale, first, last - first, O, K, _cdiv(K, 4),
                             ACCUMULATE=first > 0, ROUNDS=ROUNDS)
@@ -505,9 +562,9 @@ def weight_noise(seeds: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype
     O, K = shape
     out = torch.empty((seeds.shape[0], O, K), dtype=dtype, device=seeds.device)
     if out.numel():
-        bo, bk = _NOISE_TILE
-        kernels(seeds.device).noise_kernel[(_cdiv(O, bo) * _cdiv(K, bk), seeds.shape[0])](
-            seeds, out, 0, O, K, _cdiv(K, 4), BO=bo, BK=bk, ROUNDS=ROUNDS)
+        grid = lambda meta: (_cdiv(O, meta["BO"]) * _cdiv(K, meta["BK"]), seeds.shape[0])
+        kernels(seeds.device).weight[grid](out, out, seeds, out, 0, O, K, _cdiv(K, 4), AFFINE=False,
+                                           ROUNDS=ROUNDS)
     return out
 
 
