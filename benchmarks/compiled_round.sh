@@ -3,10 +3,11 @@
 #   bash benchmarks/compiled_round.sh compiled   # "The compiled general path"
 #   bash benchmarks/compiled_round.sh layers     # MeanFieldVI's layer estimators (TF32)
 #   bash benchmarks/compiled_round.sh short      # the main rows of both, in one call under 5 minutes
-#   bash benchmarks/compiled_round.sh regenerated  # the regenerated-noise kernels' device check and
-#                                                  # times, where a step's time goes (profiler), MeanFieldVI
-#                                                  # with regenerated weight noise and with CUDA graphs
-#                                                  # (TF32) beside raw torch.compile and the bare products
+#   bash benchmarks/compiled_round.sh regenerated  # MeanFieldVI with regenerated weight noise and with
+#                                                  # CUDA graphs (TF32, fused Adam) beside raw torch.compile
+#                                                  # and the bare products; the ViT; bf16; the graphs' check;
+#                                                  # the kernels' device check and times
+#   bash benchmarks/compiled_round.sh profile      # where a step's time goes, kernel by kernel (profiler)
 #   bash benchmarks/compiled_round.sh graphs_check # CUDA graphs against the step without them
 #   bash benchmarks/compiled_round.sh regenerated_peers  # raw torch.compile (with and without
 #                                                  # torch.utils.checkpoint), the bare products, bf16, ViT
@@ -42,17 +43,27 @@ timeout 90 $BENCH compiled --device cuda --programs small gmm vae \
   --out "$OUT/compiled_fp32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/compiled.log"
 ;;
 regenerated)
-timeout 100 python3 benchmarks/regenerated_check.py --particles 32 --out "$OUT/regenerated_check.json" \
-  2>&1 | tee "$OUT/regenerated_check.log" | tail -3
-for v in fused_regenerated fused_analytic; do
-  timeout 80 python3 benchmarks/step_profile.py --variant $v --particles 32 --tf32 --out "$OUT/profile_$v.json" \
-    2>&1 | grep -v -E "^INFO|USDT|^STAGE" | tee "$OUT/profile_$v.log"
-done
-timeout 200 $BENCH gpu-single --model mlp --particles 32 64 8 --warmup 6 --steps 20 --tf32 \
-  --variants fused_analytic fused_regenerated fused_regenerated_graphs \
+timeout 170 $BENCH gpu-single --model mlp --particles 32 64 8 --warmup 6 --steps 20 --tf32 --fused-adam \
+  --variants fused_analytic fused_analytic_graphs fused_regenerated fused_regenerated_graphs \
   --out "$OUT/regenerated_mlp_tf32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/regenerated_mlp.log"
-timeout 90 python3 benchmarks/gpu_peers.py torch --tf32 --gemm --particles 32 64 --warmup 6 --steps 20 \
-  --out "$OUT/raw_torch_tf32.json" 2>&1 | tail -3
+timeout 70 python3 benchmarks/gpu_peers.py torch --tf32 --gemm --fused-adam --particles 32 64 --warmup 6 \
+  --steps 20 --out "$OUT/raw_torch_tf32.json" 2>&1 | tail -2
+timeout 130 $BENCH gpu-single --model vit --particles 8 32 --warmup 4 --steps 10 --tf32 --fused-adam \
+  --variants fused_analytic fused_regenerated fused_regenerated_graphs \
+  --out "$OUT/regenerated_vit_tf32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/regenerated_vit.log"
+timeout 70 $BENCH gpu-single --model mlp --particles 32 64 --warmup 6 --steps 20 --tf32 --fused-adam \
+  --variants fused_bf16 fused_regenerated_bf16 \
+  --out "$OUT/regenerated_bf16_mlp.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/regenerated_bf16.log"
+timeout 50 python3 benchmarks/graphs_check.py --particles 8 --steps 4 --out "$OUT/graphs_check.json" \
+  2>&1 | tee "$OUT/graphs_check.log" | tail -2
+timeout 80 python3 benchmarks/regenerated_check.py --particles 32 --chunk-mib 32 64 1024 \
+  --out "$OUT/regenerated_check.json" 2>&1 | tee "$OUT/regenerated_check.log" | cut -c1-200
+;;
+profile)
+for v in fused_regenerated_graphs fused_regenerated fused_analytic; do
+  timeout 80 python3 benchmarks/step_profile.py --variant $v --particles 32 --tf32 --fused-adam \
+    --out "$OUT/profile_$v.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/profile_$v.log"
+done
 ;;
 graphs_check)
 timeout 60 python3 benchmarks/graphs_check.py --particles 8 --steps 4 --out "$OUT/graphs_check.json" \
@@ -68,14 +79,3 @@ timeout 200 $BENCH gpu-single --model vit --particles 8 32 --warmup 4 --steps 10
   --variants fused_analytic fused_regenerated --out "$OUT/regenerated_vit_tf32.json" 2>&1 | grep -v -E "^INFO|USDT"
 ;;
 esac
-# the regenerated-noise products in Triton kernels against weights written for the BLAS (a trial)
-if [ "$1" = products ]; then
-timeout 240 python3 benchmarks/regenerated_check.py --particles 32 --out "$OUT/regenerated_check.json" \
-  2>&1 | tee "$OUT/regenerated_check.log" | cut -c1-300
-for pr in kernels blas; do
-  for n in 32 8; do
-    timeout 70 python3 benchmarks/step_profile.py --variant fused_regenerated --products $pr --particles $n --tf32 \
-      --out "$OUT/profile_${pr}_$n.json" 2>&1 | grep -v -E "^INFO|USDT" | head -8
-  done
-done
-fi

@@ -40,7 +40,7 @@ def torch_suite(args) -> dict:
     shapes = [s for a, b in zip(SIZES[:-1], SIZES[1:]) for s in ((a, b), (b,))]
     locs = [torch.zeros(s, device=device, requires_grad=True) for s in shapes]
     rhos = [torch.full(s, math.log(math.expm1(0.01)), device=device, requires_grad=True) for s in shapes]
-    optim = torch.optim.Adam(locs + rhos, lr=1e-3)
+    optim = torch.optim.Adam(locs + rhos, lr=1e-3, **({"fused": True} if args.fused_adam else {}))
     half_log_2pi = 0.5 * math.log(2 * math.pi)
 
     def layer(h, n: int, i: int):
@@ -110,7 +110,7 @@ def torch_suite(args) -> dict:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"suite": "raw_torch", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "tf32": args.tf32, "rows": rows}
+            "tf32": args.tf32, "fused_adam": args.fused_adam, "rows": rows}
 
 
 def gemm_bound(n: int, device, dtype):
@@ -215,6 +215,7 @@ def main():
     p.add_argument("--pmap", action="store_true", help="numpyro: particles over all local GPUs (pmap of vmap)")
     p.add_argument("--out", default=None)
     p.add_argument("--tf32", action="store_true", help="torch: TF32 matmuls (default: full fp32)")
+    p.add_argument("--fused-adam", action="store_true", help="torch: torch.optim.Adam(fused=True)")
     p.add_argument("--checkpoint", action="store_true",
                    help="torch: also the step with each layer under torch.utils.checkpoint (weights drawn "
                         "again in backward from the saved random state, none kept)")

@@ -4,12 +4,13 @@ against eager float64 PyTorch on the same noise (the seeds' noise written out), 
 Bayesian MLP's layer shapes (3072-2048-2048-10, batch 256): the relative error
 (Frobenius norm) of the product and of the three gradients, per input precision. Also the
 noise the compiled kernels draw against the noise Triton's interpreter draws on the CPU
-for the same seeds. Then the time of each kernel on those shapes (CUDA events, median of 20;
-the backward with the weight gradients formed both ways, ``backward_fused`` the one-kernel way),
+for the same seeds. Before those, the time of the forward and backward on those shapes
+(CUDA events, median of 20; the backward also with other particle chunks, ``--chunk-mib``)
 next to the bare ``torch.bmm`` products they replace, and the time to draw the noise alone
-(the moments kernel: N O K normals drawn, 2 O K numbers written). Not a test: writes JSON.
+(the moments kernel: N O K normals drawn, 2 O K numbers written); after them the ViT-small's
+layer shapes (``--vit``) and bf16 products (``--bf16``). Not a test: writes JSON.
 
-    python benchmarks/regenerated_check.py --particles 32 --out regenerated_check.json
+    python benchmarks/regenerated_check.py --particles 32 --chunk-mib 32 64 1024 --vit --bf16 --out check.json
 """
 
 from __future__ import annotations
@@ -64,19 +65,16 @@ def _median_ms(fn) -> float:
     return timed(fn, warmup=3, steps=20, device=torch.device("cuda"), events=True)["step_ms_median"]
 
 
-#: the ways of forming the products and the weight gradients compared, as
-#: (regenerated_noise._PRODUCTS, regenerated_noise._WEIGHT_GRAD)
-MODES = {"kernels": ("kernels", "blas"), "blas": ("blas", "blas"), "fused": ("kernels", "fused")}
 #: the ViT-small's Linear layers (out, in) with its rows per particle (batch 128 x 64 tokens)
 VIT_LAYERS = ((576, 192), (192, 192), (384, 192), (192, 384))
 VIT_ROWS = 128 * 64
 
 
 def layer_times(n: int, k: int, o: int, shared: bool, device, precision: str, batch: int = BATCH,
-                modes=("kernels", "blas", "fused")) -> dict:
-    """Milliseconds per call of the forward and backward of each way (:data:`MODES`), of the noise
-    alone, of the weights written (``weights``: what the ``blas`` way draws per product) and of the
-    bmm products they replace."""
+                chunks_mib=()) -> dict:
+    """Milliseconds per call of the forward and the backward, of the noise alone, and of the bmm
+    products they replace; ``backward_chunk<C>MiB``: the backward with the weight-gradient products
+    formed at most ``C`` MiB at a time (``CHUNK_BYTES``; the default is ``backward``'s)."""
     loc = torch.zeros(o, k, device=device)
     scale = torch.full((o, k), 0.01, device=device)
     x = torch.randn((batch, k) if shared else (n, batch, k), device=device)
@@ -84,20 +82,21 @@ def layer_times(n: int, k: int, o: int, shared: bool, device, precision: str, ba
     gy = torch.randn(n, batch, o, device=device)
     xb = x.expand(n, batch, k) if shared else x
     w = torch.randn(n, o, k, device=device)
-    times = {}
-    for mode in modes:
-        rn._PRODUCTS, rn._WEIGHT_GRAD = MODES[mode]
-        times[f"forward_{mode}"] = _median_ms(lambda: rn.noise_linear(x, loc, scale, seeds, shared, precision))
-        times[f"backward_{mode}"] = _median_ms(
-            lambda: rn.noise_linear_backward(gy, x, loc, scale, seeds, shared, precision, not shared))
-    rn._PRODUCTS, rn._WEIGHT_GRAD = MODES["kernels"]
-    k_ = rn.kernels(device)
-    wdtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def backward():
+        return rn.noise_linear_backward(gy, x, loc, scale, seeds, shared, precision, not shared)
+
+    times = {"forward": _median_ms(lambda: rn.noise_linear(x, loc, scale, seeds, shared, precision)),
+             "backward": _median_ms(backward)}
+    default = rn.CHUNK_BYTES
+    for mib in chunks_mib:
+        rn.CHUNK_BYTES = mib * 2**20
+        times[f"backward_chunk{mib}MiB"] = _median_ms(backward)
+    rn.CHUNK_BYTES = default
     return {
         "shape": {"particles": n, "rows": batch, "in": k, "out": o, "shared_input": shared},
         **times,
         "noise_moments": _median_ms(lambda: rn.noise_moments(seeds, (o, k))),
-        "weights": _median_ms(lambda: rn._weights(k_, loc, scale, seeds, 0, n, wdtype)),
         "bmm_forward": _median_ms(lambda: torch.bmm(xb, w.transpose(1, 2))),
         "bmm_backward": _median_ms(lambda: (torch.bmm(gy, w), torch.bmm(gy.transpose(1, 2), xb))),
     }
@@ -106,7 +105,11 @@ def layer_times(n: int, k: int, o: int, shared: bool, device, precision: str, ba
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--particles", type=int, default=32)
+    p.add_argument("--chunk-mib", type=int, nargs="*", default=[],
+                   help="also time the backward with these CHUNK_BYTES (MiB)")
+    p.add_argument("--vit", action="store_true", help="also time the ViT-small's layer shapes")
     p.add_argument("--vit-particles", type=int, default=8)
+    p.add_argument("--bf16", action="store_true", help="also time the layers with bf16 products")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = torch.device("cuda")
@@ -120,21 +123,19 @@ def main():
 
     torch.set_float32_matmul_precision("high")
     layers = list(enumerate(itertools.pairwise(SIZES)))
-    save(times_ms={"tf32": [layer_times(args.particles, k, o, i == 0, device, "tf32") for i, (k, o) in layers]})
+    save(times_ms={"tf32": [layer_times(args.particles, k, o, i == 0, device, "tf32", chunks_mib=args.chunk_mib)
+                            for i, (k, o) in layers]})
     seeds = torch.tensor([0, 1, -5, 2**62], dtype=torch.int64)
     on_gpu = rn.weight_noise(seeds.to(device), (33, 70)).cpu()
     on_cpu = rn.weight_noise(seeds, (33, 70))
     save(noise={"max_abs_difference_gpu_vs_interpreter": float((on_gpu - on_cpu).abs().max()),
                 "max_abs_noise": float(on_cpu.abs().max())})
-    errors = {}
-    for mode in ("kernels", "blas"):
-        rn._PRODUCTS, rn._WEIGHT_GRAD = MODES[mode]
-        errors[mode] = [layer_errors(args.particles, k, o, i == 0, device) for i, (k, o) in layers]
-        save(layers=errors)
-    save(vit_times_ms={"tf32": [layer_times(args.vit_particles, k, o, False, device, "tf32", VIT_ROWS,
-                                            ("kernels", "blas")) for o, k in VIT_LAYERS]})
-    save(bf16_times_ms=[layer_times(args.particles, k, o, i == 0, device, "bf16", modes=("kernels", "blas"))
-                        for i, (k, o) in layers])
+    save(layers=[layer_errors(args.particles, k, o, i == 0, device) for i, (k, o) in layers])
+    if args.vit:
+        save(vit_times_ms={"tf32": [layer_times(args.vit_particles, k, o, False, device, "tf32", VIT_ROWS)
+                                    for o, k in VIT_LAYERS]})
+    if args.bf16:
+        save(bf16_times_ms=[layer_times(args.particles, k, o, i == 0, device, "bf16") for i, (k, o) in layers])
 
 
 if __name__ == "__main__":

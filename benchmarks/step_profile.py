@@ -46,21 +46,17 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--tf32", action="store_true")
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--products", choices=("kernels", "blas"), default=None,
-                   help="regenerated noise: where the products run (pyro_sp.nn.regenerated_noise._PRODUCTS)")
+    p.add_argument("--fused-adam", action="store_true", help="torch.optim.Adam(fused=True)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if args.tf32:
         torch.set_float32_matmul_precision("high")
-    if args.products:
-        from pyro_sp.nn import regenerated_noise
-
-        regenerated_noise._PRODUCTS = args.products
     device = torch.device("cuda")
     net, x, y = problem(args.model, False, device)
-    step = make_step(args.variant, net, x, y, args.particles)
+    step = make_step(args.variant, net, x, y, args.particles, fused_adam=args.fused_adam)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "variant": args.variant,
-              "model": args.model, "particles": args.particles, "tf32": args.tf32, "products": args.products,
+              "model": args.model, "particles": args.particles, "tf32": args.tf32,
+              "fused_adam": args.fused_adam,
               "timed": timed(step, warmup=args.warmup, steps=20, device=device, events=True)}
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
@@ -69,7 +65,7 @@ def main():
     kernels = kernel_times(prof, args.steps)
     result["device_ms_per_step"] = sum(k["ms_per_step"] for k in kernels)
     result["kernels"] = kernels[: args.top]
-    print(f"{args.variant} ({args.products}) N={args.particles}: step {result['timed']['step_ms_median']:.2f} ms, "
+    print(f"{args.variant} N={args.particles}: step {result['timed']['step_ms_median']:.2f} ms, "
           f"kernels {result['device_ms_per_step']:.2f} ms", flush=True)
     for k in kernels[:12]:
         print(f"  {k['ms_per_step']:7.3f} ms  x{k['launches_per_step']:g}  {k['kernel'][:100]}")

@@ -29,12 +29,10 @@ def _reference(x, loc, scale, seeds, shared):
     return torch.einsum("mk,nok->nmo" if shared else "nmk,nok->nmo", x, loc + scale * eps)
 
 
-@pytest.mark.parametrize("products", ["kernels", "blas"])
 @pytest.mark.parametrize("shared", [False, True])
 # (N, M, O, K); the interpreter's tiles are 16 wide: M = 37 is three row chunks, the last one partial
 @pytest.mark.parametrize("shape", [(3, 9, 10, 21), (1, 1, 5, 3), (4, 12, 20, 36), (2, 37, 6, 9)])
-def test_products_and_gradients_equal_eager_on_the_same_noise(shape, shared, products, monkeypatch):
-    monkeypatch.setattr(rn, "_PRODUCTS", products)
+def test_products_and_gradients_equal_eager_on_the_same_noise(shape, shared):
     N, M, O, K = shape
     g = torch.Generator().manual_seed(sum(shape))
     loc = torch.randn(O, K, dtype=torch.float64, generator=g).requires_grad_()
@@ -51,15 +49,12 @@ def test_products_and_gradients_equal_eager_on_the_same_noise(shape, shared, pro
         assert_close(a, b, msg=f"gradient of the {name}")
 
 
-@pytest.mark.parametrize("weight_grad,products", [("blas", "blas"), ("blas", "kernels"), ("fused", "kernels")])
 @pytest.mark.parametrize("shared", [False, True])
-def test_gradients_in_chunks_equal_eager(shared, weight_grad, products, monkeypatch):
-    """The products and gradients over five particles formed two at a time (chunks of 2, 2 and 1, each
-    added to the last), and by the fused kernel."""
+def test_weight_gradients_in_chunks_equal_eager(shared, monkeypatch):
+    """The weight gradients over five particles formed two at a time (chunks of 2, 2 and 1, each
+    added to the last)."""
     N, M, O, K = 5, 7, 6, 10
     monkeypatch.setattr(rn, "CHUNK_BYTES", 2 * O * K * 8)
-    monkeypatch.setattr(rn, "_WEIGHT_GRAD", weight_grad)
-    monkeypatch.setattr(rn, "_PRODUCTS", products)
     g = torch.Generator().manual_seed(5)
     loc = torch.randn(O, K, dtype=torch.float64, generator=g).requires_grad_()
     scale = torch.rand(O, K, dtype=torch.float64, generator=g).requires_grad_()
@@ -102,9 +97,7 @@ def test_noise_is_standard_normal_and_independent():
         assert abs(r) < 5 / math.sqrt(a.numel()), float(r)
 
 
-@pytest.mark.parametrize("products", ["kernels", "blas"])
-def test_bf16_products_are_close_to_float64(products, monkeypatch):
-    monkeypatch.setattr(rn, "_PRODUCTS", products)
+def test_bf16_products_are_close_to_float64():
     g = torch.Generator().manual_seed(0)
     loc, scale = torch.randn(24, 40, generator=g), torch.rand(24, 40, generator=g)
     x, seeds = torch.randn(3, 16, 40, generator=g), torch.randint(0, 2**62, (3,), generator=g)
@@ -340,9 +333,7 @@ def test_mean_field_argument_errors():
 _SIGNATURES = {
     "forward_kernel": ("*fp32 *fp32 *fp32 *i64 *fp32" + " i32" * 10, ("BM", "BO", "BK"), {}),
     "grad_input_kernel": ("*fp32 *fp32 *fp32 *i64 *fp32" + " i32" * 11, ("BM", "BK", "BO"), {"SUM_PARTICLES": True}),
-    "grad_weight_kernel": ("*fp32 *fp32 *i64 *fp32" + " i32" * 12, ("BO", "BK", "BM"), {}),
     "weight_grad_kernel": ("*fp32 *i64 *fp32 *fp32" + " i32" * 5, ("BO", "BK"), {"ACCUMULATE": True}),
-    "weight_kernel": ("*fp32 *fp32 *i64 *fp32" + " i32" * 4, ("BO", "BK"), {"AFFINE": True}),
 }
 
 

@@ -112,8 +112,9 @@ def _mlp_sizes(net) -> tuple[int, ...]:
     return (linears[0].in_features,) + tuple(m.out_features for m in linears)
 
 
-def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
-    """A function that runs one optimisation step of ``variant``."""
+def make_step(variant: str, net, x, y, num_particles: int, mesh=None, fused_adam: bool = False):
+    """A function that runs one optimisation step of ``variant`` (``fused_adam``: the variants with a
+    ``torch.optim.Adam`` take its one-kernel implementation, ``fused=True``, instead of the default)."""
     bnn = BayesianModule(net, prior_scale="fan_in")
     if variant in ("pyro", "pyro_sp", "pyro_primitives", "pyro_sp_primitives") + COMPILED_VARIANTS:
         pyro.clear_param_store()
@@ -133,7 +134,7 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
             loss = pyro_sp.DistributedTrace_ELBO(vectorize_particles=True, num_particles=num_particles, mesh=mesh,
                                                  **compiled)
         if variant.endswith("_native"):
-            return _native_step(loss(model, guide), x, y)
+            return _native_step(loss(model, guide), x, y, fused_adam)
         adam = pyro_sp.optim.Adam if variant.endswith("_grouped") else pyro.optim.Adam
         svi = SVI(model, guide, adam({"lr": 1e-3}), loss=loss)
         return lambda: svi.step(x, y)
@@ -150,15 +151,19 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None):
         weight_noise="regenerated" if base in REGENERATED_VARIANTS else "stored",
         compile=not base.endswith("eager"), split_compiled_graph=base == "fused_split", cuda_graphs=graphs,
     ).to(x.device)
-    optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=1e-3)
+    optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=1e-3, **_adam(fused_adam))
     return lambda: vi.step(optim, x, y)
 
 
-def _native_step(elbo, x, y):
+def _adam(fused: bool) -> dict:
+    return {"fused": True} if fused else {}
+
+
+def _native_step(elbo, x, y, fused_adam: bool = False):
     """The PyTorch-native loop of an ELBO module: the first call creates the parameters,
     then one ``torch.optim.Adam`` over all of them."""
     elbo(x, y)
-    optim = torch.optim.Adam(list(elbo.parameters()), lr=1e-3)
+    optim = torch.optim.Adam(list(elbo.parameters()), lr=1e-3, **_adam(fused_adam))
 
     def step():
         optim.zero_grad(set_to_none=True)
@@ -170,12 +175,13 @@ def _native_step(elbo, x, y):
     return step
 
 
-def _attempt(variant, net, x, y, n, device, warmup, steps, mesh=None, record: bool = False) -> dict | str:
+def _attempt(variant, net, x, y, n, device, warmup, steps, mesh=None, record: bool = False,
+             fused_adam: bool = False) -> dict | str:
     """``{"step_ms_median", "peak_gib" (CUDA)}`` of ``variant`` (:func:`~pyro_sp.bench.timing.timed`),
     with ``"collectives_per_step"`` if ``record``; ``"out of memory"`` if it does not fit;
     ``"failed: <error>"`` if it raised in a single process."""
     try:
-        step = make_step(variant, net, x, y, n, mesh)
+        step = make_step(variant, net, x, y, n, mesh, fused_adam)
         result = timed(step, warmup=warmup, steps=steps, device=device)
         if record:
             with record_collectives() as rec:
@@ -211,7 +217,8 @@ def single(args) -> dict:
     for n in args.particles:
         row = {"particles": n}
         for variant in args.variants:
-            row[variant] = _attempt(variant, net, x, y, n, device, args.warmup, args.steps)
+            row[variant] = _attempt(variant, net, x, y, n, device, args.warmup, args.steps,
+                                    fused_adam=args.fused_adam)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return {"suite": "gpu-single", "model": args.model, "rows": rows}
@@ -299,6 +306,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-particles", type=int, default=4096, help="memory: stop doubling here")
     p.add_argument("--resolution", type=float, default=0.1, help="memory: bisect to this relative gap")
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions (default: full fp32)")
+    p.add_argument("--fused-adam", action="store_true",
+                   help="single: torch.optim.Adam(fused=True) for the variants that use it (default: its default)")
     p.add_argument("--tiny", action="store_true", help="tiny networks and few steps (a smoke run)")
     p.add_argument("--out", default=None, help="JSON file (rank 0)")
     return p
@@ -317,6 +326,7 @@ def run(argv=None, prog: str | None = None) -> dict:
     if result:
         result["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
         result["tf32"] = args.tf32
+        result["fused_adam"] = args.fused_adam
         result["versions"] = {"torch": torch.__version__, "pyro": pyro.__version__, "pyro_sp": pyro_sp.__version__}
         if args.out:
             write_result(args.out, result)

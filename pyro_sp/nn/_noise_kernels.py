@@ -186,39 +186,6 @@ def grad_input_kernel(gy, loc, scale, seeds, gx, N, M, O, K, Kq, sgn, sgm, sgo, 
 
 
 @triton.jit
-def grad_weight_kernel(gy, x, seeds, gscale, N, M, O, K, Kq, sgn, sgm, sgo, sxn, sxm, sxk,
-                       PER_SPLIT, BO: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
-                       ROUNDS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """Split ``s = program_id(1)``'s share of the particle sum
-    ``gscale[s] = sum_n (gy[n].T @ x[n]) * eps_n`` (``(O, K)``), for the particles
-    ``s * PER_SPLIT ...`` (the splits are summed after). One loop over the particles' row chunks, so
-    that the loads of the next particle overlap the noise of this one; two accumulator tiles.
-    (The mean's gradient ``sum_n gy[n].T @ x[n]`` needs no noise: one matrix product outside.)"""
-    split = tl.program_id(1)
-    offs_o, k0, offs_k = _tile(O, BO, BK)
-    g_scale = tl.full((BO, BK), 0, ACC)
-    d = tl.full((BO, BK), 0, ACC)
-    chunks = (M + BM - 1) // BM
-    first = split * PER_SPLIT
-    last = tl.minimum(first + PER_SPLIT, N)
-    for t in range(first * chunks, last * chunks):
-        n = t // chunks
-        m0 = (t - n * chunks) * BM
-        offs_m = m0 + tl.arange(0, BM)
-        g = tl.load(gy + n * sgn + offs_m[:, None] * sgm + offs_o[None, :] * sgo,
-                    mask=(offs_m[:, None] < M) & (offs_o[None, :] < O), other=0.0)
-        xt = tl.load(x + n * sxn + offs_m[:, None] * sxm + offs_k[None, :] * sxk,
-                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        d = _dot(tl.trans(g), xt.to(g.dtype), d, PRECISION)
-        if m0 + BM >= M:  # particle n's last chunk: d = gy[n].T @ x[n]
-            eps = _noise(tl.load(seeds + n), offs_o, k0, Kq, BO, BK, ROUNDS)
-            g_scale += d * eps.to(d.dtype)
-            d = tl.full((BO, BK), 0, ACC)
-    tl.store(gscale + split * O * K + offs_o[:, None] * K + offs_k[None, :], g_scale.to(gscale.dtype.element_ty),
-             mask=(offs_o[:, None] < O) & (offs_k[None, :] < K))
-
-
-@triton.jit
 def weight_grad_kernel(p, seeds, gloc, gscale, first, C, O, K, Kq, ACCUMULATE: tl.constexpr,
                        BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
     """The weight gradients' share of particles ``first ... first + C - 1`` from their products
@@ -244,21 +211,13 @@ def weight_grad_kernel(p, seeds, gloc, gscale, first, C, O, K, Kq, ACCUMULATE: t
 
 
 @triton.jit
-def weight_kernel(loc, scale, seeds, out, first, O, K, Kq, AFFINE: tl.constexpr, BO: tl.constexpr,
-                  BK: tl.constexpr, ROUNDS: tl.constexpr):
-    """``out[c] = loc + scale * eps_{first + c}`` (``(O, K)`` each, in ``out``'s dtype) for
-    ``c = program_id(1)``: the weights that a BLAS product then reads; without ``AFFINE``, the noise
-    ``eps`` itself (``loc`` and ``scale`` unread), the reference the tests compare with."""
-    c = tl.program_id(1)
+def noise_kernel(seeds, out, O, K, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
+    """``out[n] = eps_n`` (``(O, K)`` each), written: the reference the tests compare with."""
+    n = tl.program_id(1)
     offs_o, k0, offs_k = _tile(O, BO, BK)
-    eps = _noise(tl.load(seeds + first + c), offs_o, k0, Kq, BO, BK, ROUNDS)
-    mask = (offs_o[:, None] < O) & (offs_k[None, :] < K)
-    where = offs_o[:, None] * K + offs_k[None, :]
-    if AFFINE:
-        mu = tl.load(loc + where, mask=mask, other=0.0)
-        sigma = tl.load(scale + where, mask=mask, other=0.0)
-        eps = mu + sigma * eps.to(mu.dtype)
-    tl.store(out + c * O * K + where, eps.to(out.dtype.element_ty), mask=mask)
+    eps = _noise(tl.load(seeds + n), offs_o, k0, Kq, BO, BK, ROUNDS)
+    tl.store(out + n * O * K + offs_o[:, None] * K + offs_k[None, :], eps.to(out.dtype.element_ty),
+             mask=(offs_o[:, None] < O) & (offs_k[None, :] < K))
 
 
 @triton.jit

@@ -74,19 +74,12 @@ _CUDA_TILES = {
                 (256, 64, 32, 8, 3), (256, 128, 32, 8, 2), (128, 32, 64, 4, 4)],
     "grad_input": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 2),
                    (256, 64, 32, 8, 3), (256, 128, 32, 8, 2)],
-    "grad_weight": [(128, 128, 32, 8, 3), (128, 128, 64, 8, 2), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4),
-                    (32, 128, 64, 4, 4),
-                    (16, 128, 64, 4, 4)],
     # memory-bound: one read of the products, the noise drawn, two (O, K) sums
     "weight_grad": [(32, 64, 0, 4, 3), (64, 64, 0, 4, 3), (32, 128, 0, 4, 3), (64, 128, 0, 8, 3),
                     (128, 64, 0, 8, 3), (16, 128, 0, 4, 4)],
-    # elementwise: the noise drawn, the weights written
-    "weight": [(32, 64, 0, 4, 1), (64, 64, 0, 4, 1), (32, 128, 0, 4, 1), (64, 128, 0, 8, 1), (16, 128, 0, 4, 1)],
 }
-_NAMES = {"forward": ("BM", "BO", "BK"), "grad_input": ("BM", "BK", "BO"), "grad_weight": ("BO", "BK", "BM"),
-          "weight_grad": ("BO", "BK"), "weight": ("BO", "BK")}
-_KEYS = {"forward": ["M", "O", "K"], "grad_input": ["N", "M", "O", "K"], "grad_weight": ["N", "M", "O", "K"],
-         "weight_grad": ["C", "O", "K"], "weight": ["O", "K"]}
+_NAMES = {"forward": ("BM", "BO", "BK"), "grad_input": ("BM", "BK", "BO"), "weight_grad": ("BO", "BK")}
+_KEYS = {"forward": ["M", "O", "K"], "grad_input": ["N", "M", "O", "K"], "weight_grad": ["C", "O", "K"]}
 #: what a weight_grad launch adds to, restored between the autotuner's trial runs
 _RESTORE = {"weight_grad": ["gloc", "gscale"]}
 _INTERPRETER_TILE = (16, 16, 16)
@@ -211,9 +204,10 @@ def kernels(device: torch.device):
         import triton
 
         module = kernel_module(interpret)
-        if interpret:  # the moments kernel takes its tile from the caller
+        if interpret:  # the two noise kernels take their tile from the caller
+            module.noise_kernel = _Interpreted(module.noise_kernel, {})
             module.moments_kernel = _Interpreted(module.moments_kernel, {})
-        for kind in ("forward", "grad_input", "grad_weight", "weight_grad", "weight"):
+        for kind in ("forward", "grad_input", "weight_grad"):
             kernel = getattr(module, f"{kind}_kernel")
             if interpret:
                 launcher = _Interpreted(kernel, dict(zip(_NAMES[kind], _INTERPRETER_TILE)))
@@ -297,12 +291,6 @@ def noise_linear(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, seeds:
     if N == 0 or M == 0 or O == 0:
         return y.zero_()
     precision = _precision(x, loc, precision)
-    if _products(N, M, O, K) == "blas":
-        for first, last in _chunks(N, O, K):
-            w = _weights(k, loc, scale, seeds, first, last, _weight_dtype(x, loc, precision))
-            xc = x.expand(last - first, M, K) if shared else x[first:last]
-            y[first:last] = _bmm(xc, w.transpose(1, 2), precision)
-        return y
     sxn = 0 if shared else x.stride(0)
 
     def grid(meta):
@@ -333,16 +321,6 @@ def noise_linear_backward(gy: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, 
         gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         if N == 0 or M == 0 or O == 0:
             gx.zero_()
-        elif _products(N, M, O, K) == "blas":
-            if shared:
-                gx.zero_()
-            for first, last in _chunks(N, O, K):
-                w = _weights(k, loc, scale, seeds, first, last, _weight_dtype(x, loc, precision))
-                part = _bmm(gy[first:last], w, precision)
-                if shared:
-                    gx += part.sum(0)
-                else:
-                    gx[first:last] = part
         else:
             def grid(meta):
                 return (_cdiv(M, meta["BM"]) * _cdiv(K, meta["BK"]), 1 if shared else N)
@@ -350,60 +328,18 @@ def noise_linear_backward(gy: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, 
             k.grad_input[grid](gy, loc, scale, seeds, gx, N, M, O, K, kq, *gy.stride(),
                                0 if shared else gx.stride(0), gx.stride(-2), gx.stride(-1),
                                SUM_PARTICLES=shared, ROUNDS=ROUNDS, PRECISION=precision, ACC=acc)
-    if _WEIGHT_GRAD == "fused":
-        gloc, gscale = _weight_grads_fused(k, gy, x, seeds, shared, precision, acc)
-    else:
-        gloc, gscale = _weight_grads(k, gy, x, seeds, shared, precision)
+    gloc, gscale = _weight_grads(k, gy, x, seeds, shared, precision)
     return gx, gloc.to(loc.dtype), gscale.to(loc.dtype)
 
 
-#: how :func:`noise_linear_backward` forms the weight gradients: ``"blas"`` (:func:`_weight_grads`) or
-#: ``"fused"`` (one Triton kernel, :func:`_weight_grads_fused`)
-_WEIGHT_GRAD = "blas"
 #: the most memory the particles' weight-gradient products take at a time (a chunk of particles)
 CHUNK_BYTES = 256 * 2**20
-
-
-#: which products run where: ``"kernels"`` (the Triton kernels that draw the noise inside the product:
-#: ``forward_kernel``, ``grad_input_kernel``) or ``"blas"`` (the weights of a chunk of particles written
-#: by ``weight_kernel``, then the BLAS)
-_PRODUCTS = "kernels"
-
-
-def _products(N: int, M: int, O: int, K: int) -> str:
-    return _PRODUCTS
 
 
 def _chunks(N: int, O: int, K: int, itemsize: int = 4):
     """``(first, last)`` particle ranges whose ``(O, K)`` tensors take at most :data:`CHUNK_BYTES`."""
     chunk = max(1, min(N, CHUNK_BYTES // max(1, O * K * itemsize)))
     return [(first, min(N, first + chunk)) for first in range(0, N, chunk)]
-
-
-def _weight_dtype(x, loc, precision) -> torch.dtype:
-    """The dtype the BLAS multiplies the written weights in: bf16 for ``"bf16"``, else the inputs'."""
-    return torch.bfloat16 if precision.startswith("bf16") else torch.promote_types(x.dtype, loc.dtype)
-
-
-def _weights(k, loc, scale, seeds, first, last, dtype) -> torch.Tensor:
-    r""":math:`W_n = \mu + \sigma \varepsilon_n` for particles ``first ... last - 1``, written:
-    ``(last - first, O, K)`` in ``dtype`` (computed in the mean's dtype, then rounded)."""
-    O, K = loc.shape
-    w = torch.empty((last - first, O, K), dtype=dtype, device=loc.device)
-    grid = lambda meta: (_cdiv(O, meta["BO"]) * _cdiv(K, meta["BK"]), last - first)
-    k.weight[grid](loc, scale, seeds, w, first, O, K, _cdiv(K, 4), AFFINE=True, ROUNDS=ROUNDS)
-    return w
-
-
-def _bmm(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
-    """``a @ b`` batched, with the inputs in ``precision`` (``b`` already in its dtype; bf16: products
-    accumulated and returned in fp32), in ``a``'s dtype otherwise."""
-    with _blas_precision(precision):
-        if precision == "bf16":
-            return torch.bmm(a.to(torch.bfloat16), b, out_dtype=torch.float32)
-        if precision == "bf16_emulated":  # bf16 inputs, fp32 products (exact) and sums
-            return torch.bmm(a.to(torch.bfloat16).float(), b.float())
-        return torch.bmm(a.to(b.dtype), b)
 
 
 def _weight_grads(k, gy, x, seeds, shared, precision) -> tuple[torch.Tensor, torch.Tensor]:
@@ -464,38 +400,6 @@ def _blas_precision(precision: str):
             yield
         finally:
             matmul.allow_tf32 = old
-
-
-def _weight_grads_fused(k, gy, x, seeds, shared, precision, acc) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight gradients of :func:`_weight_grads` with the scale's in one Triton kernel
-    (``grad_weight_kernel``) that never writes a product, and the mean's one matrix product."""
-    N, M, O = gy.shape
-    K = x.shape[-1]
-    sxn = 0 if shared else x.stride(0)
-    # the mean's gradient sum_n gy[n].T @ x[n] draws no noise: one product (a shared input: of the
-    # particles' summed output gradients), in the input's dtype under the global matmul settings
-    gy_rows = gy.reshape(-1, O)
-    gloc = (gy.sum(0).T @ x) if shared else (gy_rows.T @ x.reshape(-1, K))
-    # the particle sum split where the weight has too few tiles to fill the GPU (summed after, in a
-    # fixed order: the result does not depend on timing)
-    splits = 1
-    if x.device.type == "cuda":
-        tiles = _cdiv(O, 64) * _cdiv(K, 64)
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        splits = max(1, min(N, _cdiv(2 * sms, tiles)))
-    per_split = _cdiv(max(N, 1), splits)
-    splits = _cdiv(max(N, 1), per_split)
-    # every split writes its whole (O, K) share, zeros where it has no particle
-    gscale = torch.empty((splits, O, K) if splits > 1 else (O, K), dtype=x.dtype, device=x.device)
-    if N == 0 or M == 0 or O == 0:
-        gscale.zero_()
-    else:
-        def grid_w(meta):
-            return (_cdiv(O, meta["BO"]) * _cdiv(K, meta["BK"]), splits)
-
-        k.grad_weight[grid_w](gy, x, seeds, gscale, N, M, O, K, _cdiv(K, 4), *gy.stride(), sxn, x.stride(-2),
-                              x.stride(-1), per_split, ROUNDS=ROUNDS, PRECISION=precision, ACC=acc)
-    return gloc, (gscale if splits == 1 else gscale.sum(0))
 
 
 @noise_linear_backward.register_fake
@@ -562,9 +466,9 @@ def weight_noise(seeds: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype
     O, K = shape
     out = torch.empty((seeds.shape[0], O, K), dtype=dtype, device=seeds.device)
     if out.numel():
-        grid = lambda meta: (_cdiv(O, meta["BO"]) * _cdiv(K, meta["BK"]), seeds.shape[0])
-        kernels(seeds.device).weight[grid](out, out, seeds, out, 0, O, K, _cdiv(K, 4), AFFINE=False,
-                                           ROUNDS=ROUNDS)
+        bo, bk = _NOISE_TILE
+        kernels(seeds.device).noise_kernel[(_cdiv(O, bo) * _cdiv(K, bk), seeds.shape[0])](
+            seeds, out, O, K, _cdiv(K, 4), BO=bo, BK=bk, ROUNDS=ROUNDS)
     return out
 
 
