@@ -27,10 +27,13 @@ and read several times a step (at :math:`N = 32` on a 3072→2048→2048→10 ML
 1.3 GB each). Here each kernel (:mod:`pyro_sp.nn._noise_kernels`) draws the
 tile of :math:`\varepsilon_n` it needs from particle :math:`n`'s 64-bit seed and
 the tile's position (Philox4x32-10, the generator of cuRAND and of PyTorch's
-CUDA tensors, and Box–Muller), forms :math:`W_n` in registers and multiplies;
-the weight-gradient kernel sums :math:`(G_n^\top x_n) \odot \varepsilon_n` over the
-particles without writing a term, and :math:`\sum_n G_n^\top x_n`, which needs no
-noise, is one matrix product (of :math:`\sum_n G_n` where the input is shared). The same seed
+CUDA tensors, and Box–Muller), forms :math:`W_n` in registers and multiplies.
+The weight gradients need :math:`P_n = G_n^\top x_n`, a product with no noise
+in it: the BLAS forms them for a chunk of particles at a time (at most
+:data:`CHUNK_BYTES`), and one kernel reads each once and adds :math:`P_n` and
+:math:`P_n \odot \varepsilon_n` into the two sums, drawing the noise again (on one
+H100 this took about 60 % of the time of one kernel that formed the products itself
+with the noise in its epilogue; ``BENCHMARKS.md``). The same seed
 gives the same :math:`\varepsilon_n` in every kernel, so the gradients are those
 of the loss that was computed: the estimator is the exact one, with the noise
 from another generator. :func:`weight_noise` writes the noise of given seeds
