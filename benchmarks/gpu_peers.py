@@ -22,6 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pyro_sp.bench import write_result
 from pyro_sp.bench.timing import step_times, timed
 
 SIZES = (3072, 2048, 2048, 10)
@@ -109,6 +110,8 @@ def torch_suite(args) -> dict:
                     gemm_bound(n, device, dtype), warmup=args.warmup, steps=args.steps, device=device)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        saved(args, {"suite": "raw_torch", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                     "tf32": args.tf32, "fused_adam": args.fused_adam, "rows": rows})
     return {"suite": "raw_torch", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "tf32": args.tf32, "fused_adam": args.fused_adam, "rows": rows}
 
@@ -169,7 +172,6 @@ def jax_peak() -> dict:
 
 def numpyro_suite(args) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpyro
     import numpyro.distributions as dist
     from numpyro.infer import SVI, Trace_ELBO
@@ -203,7 +205,16 @@ def numpyro_suite(args) -> dict:
         row = {"particles": n, name: {"step_ms_median": 1e3 * statistics.median(times), **jax_peak()}}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        saved(args, {"suite": "numpyro", "device": str(jax.devices()[0]), "numpyro": numpyro.__version__,
+                     "rows": rows})
     return {"suite": "numpyro", "device": str(jax.devices()[0]), "numpyro": numpyro.__version__, "rows": rows}
+
+
+def saved(args, partial: dict) -> None:
+    """The rows measured so far written to ``--out`` (marked ``"partial"``): a time limit that ends
+    the run keeps them. The whole result overwrites them at the end."""
+    if args.out:
+        write_result(args.out, {**partial, "partial": True})
 
 
 def main():
@@ -223,8 +234,7 @@ def main():
     args = p.parse_args()
     result = torch_suite(args) if args.suite == "torch" else numpyro_suite(args)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -89,10 +89,12 @@ def layer_times(n: int, k: int, o: int, shared: bool, device, precision: str, ba
     times = {"forward": _median_ms(lambda: rn.noise_linear(x, loc, scale, seeds, shared, precision)),
              "backward": _median_ms(backward)}
     default = rn.CHUNK_BYTES
-    for mib in chunks_mib:
-        rn.CHUNK_BYTES = mib * 2**20
-        times[f"backward_chunk{mib}MiB"] = _median_ms(backward)
-    rn.CHUNK_BYTES = default
+    try:
+        for mib in chunks_mib:
+            rn.CHUNK_BYTES = mib * 2**20
+            times[f"backward_chunk{mib}MiB"] = _median_ms(backward)
+    finally:
+        rn.CHUNK_BYTES = default
     return {
         "shape": {"particles": n, "rows": batch, "in": k, "out": o, "shared_input": shared},
         **times,

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pyro_sp.bench.timing import COLLECTIVE_KINDS, step_times, timed
 from pyro_sp.distributed.launch import start_module
@@ -83,9 +84,27 @@ def test_gpu_single_on_cpu(tmp_path, model):
     variants = ["pyro", "pyro_sp", "fused_eager"] + (["fused", "pyro_primitives", "pyro_sp_primitives",
                                                       "pyro_sp_compiled_native", "pyro_sp_compiled_grouped"] if model == "mlp" else [])
     r = bench("gpu-single", "--tiny", "--device", "cpu", "--model", model, "--particles", "2",
-              "--variants", *variants, tmp_path=tmp_path)
+              "--variants", *variants, *(["--fused-adam"] if model == "mlp" else []), tmp_path=tmp_path)
     row = r["rows"][0]
     assert all(row[v]["step_ms_median"] > 0 for v in variants)
+    assert r["fused_adam"] == (model == "mlp") and "partial" not in r  # the whole result, not the rows so far
+
+
+def test_fused_adam_reaches_the_optimizer(monkeypatch):
+    from pyro_sp.bench.gpu import make_step, problem
+
+    seen = []
+
+    class Recording(torch.optim.Adam):
+        def __init__(self, params, **kwargs):
+            seen.append(kwargs.get("fused"))
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", Recording)
+    net, x, y = problem("mlp", True, torch.device("cpu"))
+    for fused in (False, True):
+        make_step("fused_eager", net, x, y, 2, fused_adam=fused)()
+    assert seen == [None, True]
 
 
 def test_gpu_scaling_on_cpu(tmp_path):

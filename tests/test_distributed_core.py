@@ -15,7 +15,6 @@ import pyro_sp
 from pyro_sp.distributed import (
     STREAMS,
     BucketedSum,
-    RankError,
     all_reduce_gradients,
     guarded,
     record_collectives,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal

@@ -294,6 +294,48 @@ def test_layers_follow_torchs_fp32_matmul_setting(monkeypatch):
         torch.set_float32_matmul_precision(previous)
 
 
+def test_one_chunk_of_products_alive_at_a_time(monkeypatch):
+    """The weight gradients' products are freed before the next chunk's are formed: at most
+    CHUNK_BYTES of them at once."""
+    import weakref
+
+    N, M, O, K = 5, 3, 4, 8
+    monkeypatch.setattr(rn, "CHUNK_BYTES", 2 * O * K * 4)  # chunks of 2, 2 and 1
+    formed, alive_at_each = [], []
+    real = rn._weight_products
+
+    def recording(*args):
+        alive_at_each.append(sum(ref() is not None for ref in formed))
+        p = real(*args)
+        formed.append(weakref.ref(p))
+        return p
+
+    monkeypatch.setattr(rn, "_weight_products", recording)
+    x, loc, scale = torch.randn(N, M, K), torch.randn(O, K).requires_grad_(), torch.rand(O, K).requires_grad_()
+    seeds = torch.arange(N, dtype=torch.int64)
+    torch.autograd.grad(rn.noise_linear(x, loc, scale, seeds, False, "ieee").sum(), (loc, scale))
+    assert alive_at_each == [0, 0, 0]
+
+
+def test_bf16_weight_products_without_out_dtype(monkeypatch):
+    """Where torch's mm/bmm take no ``out_dtype`` (older torch), the bf16 weight-gradient products
+    are TF32 products of the same bf16 values: the same numbers."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(3, 5, 6, generator=g).bfloat16(), torch.randn(3, 6, 7, generator=g).bfloat16()
+    real = torch.bmm
+
+    def old_bmm(x, y, **kwargs):
+        if kwargs:
+            raise TypeError("bmm() got an unexpected keyword argument 'out_dtype'")
+        return real(x, y)
+
+    monkeypatch.setattr(torch, "bmm", old_bmm)
+    monkeypatch.setattr(rn, "_OUT_DTYPE", True)
+    p = rn._bf16_product(a, b)
+    assert rn._OUT_DTYPE is False and p.dtype == torch.float32
+    assert_close(p, a.double() @ b.double(), rtol=1e-6, atol=1e-6)
+
+
 def test_fp32_setting_read_and_restored_in_either_api():
     """torch >= 2.9 refuses to read its old TF32 flag once the new one was set: the layers read the
     setting whichever API set it, and the weight-gradient products set it and restore it in the API
@@ -314,7 +356,16 @@ def test_fp32_setting_read_and_restored_in_either_api():
         with rn._blas_precision("ieee"):
             pass
         assert matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"  # readable, restored
+        # an inherited setting is left alone when it already holds, not written back (which would pin it)
+        torch.set_float32_matmul_precision("highest")
+        matmul.fp32_precision = "none"
+        torch.backends.fp32_precision = "tf32"
+        with rn._blas_precision("tf32"):
+            pass
+        torch.backends.fp32_precision = "ieee"
+        assert rn.fp32_matmul_precision() == "ieee"
     finally:
+        torch.backends.fp32_precision = "none"
         torch.set_float32_matmul_precision("highest")
         matmul.fp32_precision = before
 
@@ -333,7 +384,8 @@ def test_mean_field_argument_errors():
 _SIGNATURES = {
     "forward_kernel": ("*fp32 *fp32 *fp32 *i64 *fp32" + " i32" * 10, ("BM", "BO", "BK"), {}),
     "grad_input_kernel": ("*fp32 *fp32 *fp32 *i64 *fp32" + " i32" * 11, ("BM", "BK", "BO"), {"SUM_PARTICLES": True}),
-    "weight_grad_kernel": ("*fp32 *i64 *fp32 *fp32" + " i32" * 5, ("BO", "BK"), {"ACCUMULATE": True}),
+    # no PRECISION: its two cases compile ACCUMULATE's two branches instead (below)
+    "weight_grad_kernel": ("*fp32 *i64 *fp32 *fp32" + " i32" * 5, ("BO", "BK"), {}),
 }
 
 
@@ -357,6 +409,8 @@ def test_kernels_compile_for_hopper(name, precision, monkeypatch, tmp_path):
     kernel = getattr(rn.kernel_module(interpret=False), name)
     types, tiles, extra = _SIGNATURES[name]
     kind = name[: -len("_kernel")]
+    if name == "weight_grad_kernel":
+        extra = {"ACCUMULATE": precision == "tf32"}
     constants = {**dict(zip(tiles, rn._CUDA_TILES[kind][0][:3])), **extra, "ROUNDS": rn.ROUNDS,
                  "PRECISION": precision, "ACC": tl.float32}
     names = list(kernel.arg_names)

@@ -17,7 +17,7 @@ from pyro.nn import PyroModule, PyroParam, PyroSample
 import pyro_sp
 from pyro_sp.distributed.streams import derive_seed
 from tests.common import assert_close, particle_seed, pinned_noise
-from tests.models import NUM_DATA, make_data, make_guide, model, param_guide
+from tests.models import make_data, make_guide, model, param_guide
 
 
 def _gather(t: torch.Tensor) -> list[torch.Tensor]:

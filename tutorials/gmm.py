@@ -36,7 +36,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.infer import SVI, config_enumerate
+from pyro.infer import config_enumerate
 from pyro.infer.autoguide import AutoDelta
 from pyro.infer.util import zero_grads
 

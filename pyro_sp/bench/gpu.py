@@ -210,6 +210,10 @@ def _device(name: str):
     return torch.device(name)
 
 
+def _device_name(args) -> str:
+    return torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+
+
 def single(args) -> dict:
     device = _device(args.device)
     net, x, y = problem(args.model, args.tiny, device)
@@ -221,6 +225,9 @@ def single(args) -> dict:
                                     fused_adam=args.fused_adam)
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.out:  # the rows so far: a time limit that ends the run keeps them (overwritten at the end)
+            write_result(args.out, {"suite": "gpu-single", "model": args.model, "rows": rows, "partial": True,
+                                    "device": _device_name(args), "tf32": args.tf32, "fused_adam": args.fused_adam})
     return {"suite": "gpu-single", "model": args.model, "rows": rows}
 
 
@@ -324,9 +331,10 @@ def run(argv=None, prog: str | None = None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     result = {"single": single, "scaling": scaling, "memory": memory}[args.suite](args)
     if result:
-        result["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        result["device"] = _device_name(args)
         result["tf32"] = args.tf32
-        result["fused_adam"] = args.fused_adam
+        if args.suite == "single":
+            result["fused_adam"] = args.fused_adam
         result["versions"] = {"torch": torch.__version__, "pyro": pyro.__version__, "pyro_sp": pyro_sp.__version__}
         if args.out:
             write_result(args.out, result)

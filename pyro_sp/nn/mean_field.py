@@ -266,8 +266,10 @@ class MeanFieldVI(torch.nn.Module):
         written and kept for backward) or ``"regenerated"`` (the exact estimator only): the
         ``Linear`` layers' weight noise is drawn inside Triton kernels from one seed per
         particle and layer and drawn again in backward
-        (:mod:`pyro_sp.nn.regenerated_noise`), so no particle-sized weight tensor is
-        written; the other Bayesian tensors are drawn as usual. The same estimator, from
+        (:mod:`pyro_sp.nn.regenerated_noise`), so the particles' weight noise and weights
+        are never written (the weight gradients' per-particle products are, at most
+        ``regenerated_noise.CHUNK_BYTES`` at a time); the other Bayesian tensors are drawn
+        as usual. The same estimator, from
         another random generator: with the same noise (the seeds' noise written out),
         loss and gradients equal the stored-noise step's (tested in float64). Needs
         Triton; CPU tensors run in Triton's interpreter (for tests, slow).

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 r"""
 The exact estimator's ``Linear`` layers with their weight noise drawn inside the
-matrix products and drawn again in backward, so that no particle-sized weight
-tensor is ever written: :class:`~pyro_sp.nn.MeanFieldVI` with
+matrix products and drawn again in backward, so that the particles' noise and
+weights are never written (the weight gradients' per-particle products are, a
+chunk of particles at a time): :class:`~pyro_sp.nn.MeanFieldVI` with
 ``weight_noise="regenerated"``.
 
 A ``Linear`` layer whose weight has the guide
@@ -362,6 +363,7 @@ def _weight_grads(k, gy, x, seeds, shared, precision) -> tuple[torch.Tensor, tor
         p = _weight_products(gy[first:last], x if shared else x[first:last], shared, precision, dtype)
         k.weight_grad[grid](p, seeds, gloc, gscale, first, last - first, O, K, _cdiv(K, 4),
                             ACCUMULATE=first > 0, ROUNDS=ROUNDS)
+        del p  # freed before the next chunk's products: one chunk alive at a time
     return gloc, gscale
 
 
@@ -375,12 +377,34 @@ def _weight_products(gy, x, shared, precision, dtype) -> torch.Tensor:
         gt, x = gt.to(torch.bfloat16), x.to(torch.bfloat16)
         if precision == "bf16_emulated":  # bf16 inputs, fp32 products (exact) and sums: the same numbers
             gt, x = gt.to(dtype), x.to(dtype)
+    if precision == "bf16":
+        if shared:
+            return _bf16_product(gt.reshape(C * O, M), x).view(C, O, -1)
+        return _bf16_product(gt, x)
     with _blas_precision(precision):
         if shared:
             a = gt.reshape(C * O, M)
-            p = torch.mm(a, x, out_dtype=dtype) if precision == "bf16" else torch.mm(a, x.to(a.dtype))
-            return p.view(C, O, -1)
-        return torch.bmm(gt, x, out_dtype=dtype) if precision == "bf16" else torch.bmm(gt, x.to(gt.dtype))
+            return torch.mm(a, x.to(a.dtype)).view(C, O, -1)
+        return torch.bmm(gt, x.to(gt.dtype))
+
+
+#: whether torch's mm/bmm take ``out_dtype`` (bf16 inputs, fp32 output; CUDA, recent torch)
+_OUT_DTYPE = True
+
+
+def _bf16_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (batched for 3-d) of bf16 tensors, accumulated and returned in fp32: by the bf16
+    BLAS with ``out_dtype``, or, where torch has no ``out_dtype``, as TF32 products of the same bf16
+    values (exact in TF32, whose 10-bit mantissa holds bf16's 7: the same numbers, slower)."""
+    global _OUT_DTYPE
+    op = torch.bmm if a.dim() == 3 else torch.mm
+    if _OUT_DTYPE:
+        try:
+            return op(a, b, out_dtype=torch.float32)
+        except TypeError:  # older torch: no out_dtype
+            _OUT_DTYPE = False
+    with _blas_precision("tf32"):
+        return op(a.float(), b.float())
 
 
 @contextlib.contextmanager
@@ -389,6 +413,12 @@ def _blas_precision(precision: str):
     after, in the API it was read from: torch refuses to read the old one once the new one is set)."""
     matmul = torch.backends.cuda.matmul
     wanted = precision == "tf32"
+    if fp32_matmul_precision() == ("tf32" if wanted else "ieee"):
+        # already so (MeanFieldVI's layers take their precision from this setting): left alone, not
+        # written back, which would pin an inherited setting (torch.backends.fp32_precision) and race
+        # with other threads' products
+        yield
+        return
     if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
         old = matmul.fp32_precision
         matmul.fp32_precision = "tf32" if wanted else "ieee"
@@ -512,8 +542,9 @@ def sampled_log_densities(loc, scale, prior_scale: float, seeds) -> tuple[torch.
 
 
 def fp32_matmul_precision() -> str:
-    """``"tf32"`` where torch lets fp32 products run in TF32 (``allow_tf32``, or
-    :func:`torch.set_float32_matmul_precision` other than ``"highest"``), else ``"ieee"``."""
+    """``"tf32"`` where torch lets CUDA fp32 products run in TF32, else ``"ieee"``: set by
+    ``torch.backends.cuda.matmul.fp32_precision`` (or, inherited, ``torch.backends.fp32_precision``),
+    ``allow_tf32`` or :func:`torch.set_float32_matmul_precision`, whichever API set it."""
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: reads both APIs' settings (the old one's
         # getter refuses to read once the new one was set)
