@@ -87,9 +87,11 @@ def torch_suite(args) -> dict:
             try:
                 grads.append(torch.autograd.grad(fn(n, recompute=recompute), locs + rhos))
             except Exception as e:  # noqa: BLE001 - recorded with the timings
-                return f"{type(e).__name__}: {str(e)[:300]}"
+                return _error(e)
         return max(float((a - b).norm() / a.norm().clamp_min(1e-30)) for a, b in zip(*grads))
 
+    about = {"suite": "raw_torch", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+             "tf32": args.tf32, "fused_adam": args.fused_adam}
     rows = []
     for n in args.particles:
         row = {"particles": n}
@@ -103,17 +105,15 @@ def torch_suite(args) -> dict:
                     row[name] = timed(functools.partial(step, functools.partial(fn, recompute=True), n),
                                       warmup=args.warmup, steps=args.steps, device=device)
                 except Exception as e:  # noqa: BLE001 - recorded: whether compile takes the recomputation
-                    row[name] = f"{type(e).__name__}: {str(e)[:300]}"
+                    row[name] = _error(e)
         if args.gemm:
             for dtype in (torch.float32, torch.bfloat16):
                 row[f"gemm_bound_{'bf16' if dtype == torch.bfloat16 else 'fp32'}"] = timed(
                     gemm_bound(n, device, dtype), warmup=args.warmup, steps=args.steps, device=device)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        saved(args, {"suite": "raw_torch", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                     "tf32": args.tf32, "fused_adam": args.fused_adam, "rows": rows})
-    return {"suite": "raw_torch", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "tf32": args.tf32, "fused_adam": args.fused_adam, "rows": rows}
+        saved(args, {**about, "rows": rows})
+    return {**about, "rows": rows}
 
 
 def gemm_bound(n: int, device, dtype):
@@ -193,6 +193,7 @@ def numpyro_suite(args) -> dict:
             numpyro.sample("y", dist.Categorical(logits=h), obs=y)
 
     strategy = pmap_of_vmap if args.pmap else True
+    about = {"suite": "numpyro", "device": str(jax.devices()[0]), "numpyro": numpyro.__version__}
     rows = []
     for n in args.particles:
         svi = SVI(model, AutoNormal(model, init_scale=0.01), numpyro.optim.Adam(1e-3),
@@ -205,9 +206,13 @@ def numpyro_suite(args) -> dict:
         row = {"particles": n, name: {"step_ms_median": 1e3 * statistics.median(times), **jax_peak()}}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        saved(args, {"suite": "numpyro", "device": str(jax.devices()[0]), "numpyro": numpyro.__version__,
-                     "rows": rows})
-    return {"suite": "numpyro", "device": str(jax.devices()[0]), "numpyro": numpyro.__version__, "rows": rows}
+        saved(args, {**about, "rows": rows})
+    return {**about, "rows": rows}
+
+
+def _error(e: Exception) -> str:
+    """A failure recorded in a row in place of its numbers."""
+    return f"{type(e).__name__}: {str(e)[:300]}"
 
 
 def saved(args, partial: dict) -> None:

@@ -3,7 +3,7 @@
 step (:func:`pyro_sp.bench.gpu.make_step`, the same step the benchmark times) run
 ``--warmup`` times, then ``--steps`` steps under ``torch.profiler``; the device time
 per step of every kernel name (summed over its launches), the largest first, and
-the share of the step they cover. Not a test: writes JSON.
+their sum beside the step's time. Not a test: writes JSON.
 
     python benchmarks/step_profile.py --variant fused_regenerated --particles 32 --tf32 --out profile.json
 """

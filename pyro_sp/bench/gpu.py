@@ -210,8 +210,12 @@ def _device(name: str):
     return torch.device(name)
 
 
-def _device_name(args) -> str:
-    return torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+def _about(args) -> dict:
+    """What a result says of its run besides its rows: the device, TF32, fused Adam (``single``)."""
+    about = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "tf32": args.tf32}
+    if args.suite == "single":
+        about["fused_adam"] = args.fused_adam
+    return about
 
 
 def single(args) -> dict:
@@ -227,7 +231,7 @@ def single(args) -> dict:
         print(json.dumps(row), flush=True)
         if args.out:  # the rows so far: a time limit that ends the run keeps them (overwritten at the end)
             write_result(args.out, {"suite": "gpu-single", "model": args.model, "rows": rows, "partial": True,
-                                    "device": _device_name(args), "tf32": args.tf32, "fused_adam": args.fused_adam})
+                                    **_about(args)})
     return {"suite": "gpu-single", "model": args.model, "rows": rows}
 
 
@@ -331,10 +335,7 @@ def run(argv=None, prog: str | None = None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     result = {"single": single, "scaling": scaling, "memory": memory}[args.suite](args)
     if result:
-        result["device"] = _device_name(args)
-        result["tf32"] = args.tf32
-        if args.suite == "single":
-            result["fused_adam"] = args.fused_adam
+        result.update(_about(args))
         result["versions"] = {"torch": torch.__version__, "pyro": pyro.__version__, "pyro_sp": pyro_sp.__version__}
         if args.out:
             write_result(args.out, result)

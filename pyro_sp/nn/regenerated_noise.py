@@ -373,19 +373,18 @@ def _weight_products(gy, x, shared, precision, dtype) -> torch.Tensor:
     in the ``precision`` the forward kernel multiplied them in."""
     C, M, O = gy.shape
     gt = gy.transpose(1, 2)
-    if precision.startswith("bf16"):
-        gt, x = gt.to(torch.bfloat16), x.to(torch.bfloat16)
-        if precision == "bf16_emulated":  # bf16 inputs, fp32 products (exact) and sums: the same numbers
-            gt, x = gt.to(dtype), x.to(dtype)
-    if precision == "bf16":
-        if shared:
-            return _bf16_product(gt.reshape(C * O, M), x).view(C, O, -1)
-        return _bf16_product(gt, x)
-    with _blas_precision(precision):
-        if shared:
-            a = gt.reshape(C * O, M)
-            return torch.mm(a, x.to(a.dtype)).view(C, O, -1)
-        return torch.bmm(gt, x.to(gt.dtype))
+    if precision == "bf16_emulated":  # bf16 inputs, fp32 products (exact) and sums: the same numbers
+        gt, x = gt.to(torch.bfloat16).to(dtype), x.to(torch.bfloat16).to(dtype)
+
+    def product(a, b):
+        if precision == "bf16":
+            return _bf16_product(a.to(torch.bfloat16), b.to(torch.bfloat16))
+        with _blas_precision(precision):
+            return (torch.bmm if a.dim() == 3 else torch.mm)(a, b.to(a.dtype))
+
+    if shared:
+        return product(gt.reshape(C * O, M), x).view(C, O, -1)
+    return product(gt, x)
 
 
 #: whether torch's mm/bmm take ``out_dtype`` (bf16 inputs, fp32 output; CUDA, recent torch)
