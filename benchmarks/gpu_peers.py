@@ -112,7 +112,7 @@ def torch_suite(args) -> dict:
                     gemm_bound(n, device, dtype), warmup=args.warmup, steps=args.steps, device=device)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        saved(args, {**about, "rows": rows})
+        write_result(args.out, {**about, "rows": rows}, partial=True)
     return {**about, "rows": rows}
 
 
@@ -206,20 +206,13 @@ def numpyro_suite(args) -> dict:
         row = {"particles": n, name: {"step_ms_median": 1e3 * statistics.median(times), **jax_peak()}}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        saved(args, {**about, "rows": rows})
+        write_result(args.out, {**about, "rows": rows}, partial=True)
     return {**about, "rows": rows}
 
 
 def _error(e: Exception) -> str:
     """A failure recorded in a row in place of its numbers."""
     return f"{type(e).__name__}: {str(e)[:300]}"
-
-
-def saved(args, partial: dict) -> None:
-    """The rows measured so far written to ``--out`` (marked ``"partial"``): a time limit that ends
-    the run keeps them. The whole result overwrites them at the end."""
-    if args.out:
-        write_result(args.out, {**partial, "partial": True})
 
 
 def main():

@@ -120,8 +120,7 @@ def main():
     def save(**parts):  # after each part: a time limit keeps what was measured
         result.update(parts)
         print(parts, flush=True)
-        if args.out:
-            write_result(args.out, result)
+        write_result(args.out, result, partial=True)
 
     torch.set_float32_matmul_precision("high")
     layers = list(enumerate(itertools.pairwise(SIZES)))
@@ -138,6 +137,7 @@ def main():
                                     for o, k in VIT_LAYERS]})
     if args.bf16:
         save(bf16_times_ms=[layer_times(args.particles, k, o, i == 0, device, "bf16") for i, (k, o) in layers])
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

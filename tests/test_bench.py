@@ -47,6 +47,18 @@ def test_timing_loop():
         step_times(lambda: None, steps=1, events=True)
 
 
+def test_write_result_marks_partial_rows_and_the_whole_result_replaces_them(tmp_path):
+    from pyro_sp.bench import write_result
+
+    path = tmp_path / "sub" / "r.json"
+    write_result(str(path), {"rows": [1]}, partial=True)  # as a run goes
+    assert json.loads(path.read_text()) == {"rows": [1], "partial": True}
+    write_result(str(path), {"rows": [1, 2]})  # at its end
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}
+    write_result(None, {"rows": [3]}, partial=True)  # no --out: nothing written, no error
+    assert json.loads(path.read_text()) == {"rows": [1, 2]}
+
+
 def test_overhead(tmp_path):
     r = bench("overhead", "--tiny", tmp_path=tmp_path)
     assert r["ratio_median"] > 0

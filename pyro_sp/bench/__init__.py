@@ -96,11 +96,15 @@ def format_result(result: dict) -> str:
     return json.dumps(flat, indent=2)
 
 
-def write_result(path: str, result: dict) -> None:
-    """Write a suite's or script's ``result`` as indented JSON to ``path``, making its folder."""
+def write_result(path: str | None, result: dict, partial: bool = False) -> None:
+    """Write a suite's or script's ``result`` as indented JSON to ``path``, making its folder (nothing
+    for ``path=None``). ``partial``: what was measured so far, marked ``"partial": true``, written as a
+    run goes so that a time limit ending it keeps the rows; the whole result overwrites it at the end."""
+    if path is None:
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        f.write(json.dumps(result, indent=2) + "\n")
+        f.write(json.dumps({**result, "partial": True} if partial else result, indent=2) + "\n")
 
 
 def main(argv: list[str]) -> int:

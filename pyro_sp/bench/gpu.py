@@ -229,9 +229,8 @@ def single(args) -> dict:
                                     fused_adam=args.fused_adam)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        if args.out:  # the rows so far: a time limit that ends the run keeps them (overwritten at the end)
-            write_result(args.out, {"suite": "gpu-single", "model": args.model, "rows": rows, "partial": True,
-                                    **_about(args)})
+        write_result(args.out, {"suite": "gpu-single", "model": args.model, "rows": rows, **_about(args)},
+                     partial=True)
     return {"suite": "gpu-single", "model": args.model, "rows": rows}
 
 
