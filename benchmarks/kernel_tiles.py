@@ -45,6 +45,37 @@ def _chosen(launcher) -> list:
     return [str(config) for config in getattr(launcher, "cache", {}).values()]
 
 
+def forward_launch(mod, tile, x, loc, scale, seeds, y, shared: bool, precision: str):
+    """One launch of the forward kernel with ``tile`` ``(BM, BO, BK, warps, stages)``, as
+    :func:`~pyro_sp.nn.regenerated_noise.noise_linear` launches it: a function of no arguments."""
+    bm, bo, bk, warps, stages = tile
+    (o, k), n, m = loc.shape, seeds.shape[0], x.shape[-2]
+    grid = (rn._cdiv(m, bm) * rn._cdiv(o, bo), n)
+    return lambda: mod.forward_kernel[grid](
+        x, loc, scale, seeds, y, m, o, k, rn._cdiv(k, 4), 0 if shared else x.stride(0), x.stride(-2), x.stride(-1),
+        *y.stride(), BM=bm, BO=bo, BK=bk, ROUNDS=rn.ROUNDS, PRECISION=precision, ACC=rn._accumulator(x.dtype),
+        num_warps=warps, num_stages=stages)
+
+
+def grad_input_launch(mod, tile, gy, loc, scale, seeds, gx, precision: str):
+    """One launch of the input-gradient kernel (an input per particle) with ``tile``
+    ``(BM, BK, BO, warps, stages)``, as the operator's backward launches it."""
+    bm, bk, bo, warps, stages = tile
+    (o, k), n, m = loc.shape, seeds.shape[0], gy.shape[-2]
+    grid = (rn._cdiv(m, bm) * rn._cdiv(k, bk), n)
+    return lambda: mod.grad_input_kernel[grid](
+        gy, loc, scale, seeds, gx, n, m, o, k, rn._cdiv(k, 4), *gy.stride(), *gx.stride(), SUM_PARTICLES=False,
+        BM=bm, BK=bk, BO=bo, ROUNDS=rn.ROUNDS, PRECISION=precision, ACC=rn._accumulator(gy.dtype),
+        num_warps=warps, num_stages=stages)
+
+
+def _row(tile, launch) -> dict:
+    try:
+        return {"tile": list(tile), **_compiled(launch), "ms": _median_ms(launch)}
+    except Exception as e:  # noqa: BLE001 - a tile that does not fit is a result, not a failure
+        return {"tile": list(tile), "error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
 def shape_tiles(n: int, k: int, o: int, shared: bool, precision: str, tiles: dict) -> dict:
     device = torch.device("cuda")
     mod = rn.kernels(device)
@@ -55,38 +86,15 @@ def shape_tiles(n: int, k: int, o: int, shared: bool, precision: str, tiles: dic
     y = torch.empty((n, BATCH, o), device=device)
     gy = torch.randn((n, BATCH, o), device=device)
     gx = torch.empty((n, BATCH, k), device=device)
-    kq, sxn = rn._cdiv(k, 4), 0 if shared else x.stride(0)
     out = {"shape": {"particles": n, "rows": BATCH, "in": k, "out": o, "shared_input": shared}, "forward": [],
            "grad_input": []}
-    for bm, bo, bk, warps, stages in tiles["forward"]:
-        grid = (rn._cdiv(BATCH, bm) * rn._cdiv(o, bo), n)
-
-        def forward():
-            return mod.forward_kernel[grid](x, loc, scale, seeds, y, BATCH, o, k, kq, sxn, x.stride(-2),
-                                            x.stride(-1), *y.stride(), BM=bm, BO=bo, BK=bk, ROUNDS=rn.ROUNDS,
-                                            PRECISION=precision, ACC=rn._accumulator(x.dtype),
-                                            num_warps=warps, num_stages=stages)
-        try:
-            row = {"tile": [bm, bo, bk, warps, stages], **_compiled(forward), "ms": _median_ms(forward)}
-        except Exception as e:  # noqa: BLE001 - a tile that does not fit is a result, not a failure
-            row = {"tile": [bm, bo, bk, warps, stages], "error": f"{type(e).__name__}: {str(e)[:200]}"}
-        out["forward"].append(row)
-        print(k, o, "forward", row, flush=True)
+    for tile in tiles["forward"]:
+        out["forward"].append(_row(tile, forward_launch(mod, tile, x, loc, scale, seeds, y, shared, precision)))
+        print(k, o, "forward", out["forward"][-1], flush=True)
     if not shared:
-        for bm, bk, bo, warps, stages in tiles["grad_input"]:
-            grid = (rn._cdiv(BATCH, bm) * rn._cdiv(k, bk), n)
-
-            def grad_input():
-                return mod.grad_input_kernel[grid](gy, loc, scale, seeds, gx, n, BATCH, o, k, kq, *gy.stride(),
-                                                   *gx.stride(), SUM_PARTICLES=False, BM=bm, BK=bk, BO=bo,
-                                                   ROUNDS=rn.ROUNDS, PRECISION=precision,
-                                                   ACC=rn._accumulator(x.dtype), num_warps=warps, num_stages=stages)
-            try:
-                row = {"tile": [bm, bk, bo, warps, stages], **_compiled(grad_input), "ms": _median_ms(grad_input)}
-            except Exception as e:  # noqa: BLE001
-                row = {"tile": [bm, bk, bo, warps, stages], "error": f"{type(e).__name__}: {str(e)[:200]}"}
-            out["grad_input"].append(row)
-            print(k, o, "grad_input", row, flush=True)
+        for tile in tiles["grad_input"]:
+            out["grad_input"].append(_row(tile, grad_input_launch(mod, tile, gy, loc, scale, seeds, gx, precision)))
+            print(k, o, "grad_input", out["grad_input"][-1], flush=True)
     # the autotuner's own pick, through the operators
     xr = x.detach().requires_grad_(not shared)
     locr, scaler = loc.clone().requires_grad_(), scale.clone().requires_grad_()

@@ -429,3 +429,33 @@ def test_missing_triton_is_an_import_error_at_construction(monkeypatch):
     with pytest.raises(ImportError, match="pip install triton"):
         MeanFieldVI(_bnn("all"), num_particles=2, weight_noise="regenerated")
     MeanFieldVI(_bnn("all"), num_particles=2)  # the stored noise needs no Triton
+
+
+def test_kernel_tiles_benchmark_launches_the_kernels_as_the_operators_do():
+    """benchmarks/kernel_tiles.py times the kernels launched by hand, one tile at a time: its launches
+    (run here in Triton's interpreter) give the operators' outputs."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernel_tiles.py")
+    spec = importlib.util.spec_from_file_location("kernel_tiles", path)
+    kt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kt)
+    mod = rn.kernels(torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    N, M, O, K = 2, 5, 6, 20
+    loc = torch.randn(O, K, generator=g, dtype=torch.float64)
+    scale = torch.rand(O, K, generator=g, dtype=torch.float64)
+    seeds = torch.tensor([7, -2], dtype=torch.int64)
+    gy = torch.randn(N, M, O, generator=g, dtype=torch.float64)
+    for shared in (True, False):
+        x = torch.randn((M, K) if shared else (N, M, K), generator=g, dtype=torch.float64)
+        y = torch.empty(N, M, O, dtype=torch.float64)
+        with rn._language_restored():
+            kt.forward_launch(mod, (16, 16, 16, 4, 1), x, loc, scale, seeds, y, shared, "ieee")()
+        assert_close(y, rn.noise_linear(x, loc, scale, seeds, shared, "ieee"), rtol=1e-12, atol=1e-12)
+    gx = torch.empty(N, M, K, dtype=torch.float64)
+    with rn._language_restored():
+        kt.grad_input_launch(mod, (16, 16, 16, 4, 1), gy, loc, scale, seeds, gx, "ieee")()
+    w = loc + scale * rn.weight_noise(seeds, (O, K), torch.float64)
+    assert_close(gx, gy @ w, rtol=1e-12, atol=1e-12)
