@@ -11,6 +11,11 @@
 #   bash benchmarks/compiled_round.sh graphs_check # CUDA graphs against the step without them
 #   bash benchmarks/compiled_round.sh regenerated_peers  # raw torch.compile (with and without
 #                                                  # torch.utils.checkpoint), the bare products, bf16, ViT
+#   bash benchmarks/compiled_round.sh tiles        # each tile of the noise kernels alone (kernel_tiles.py)
+#   BASE=.whl/base bash benchmarks/compiled_round.sh ab  # this tree's regenerated step against another
+#       version's package, two runs each, taking turns on one machine (runs differ by up to 1 ms:
+#       compare within one call). Make the other version with, e.g.,
+#       mkdir -p .whl/base && git archive HEAD pyro_sp | tar -x -C .whl/base   (carry .whl)
 # Needs the wheels of pyro-ppl and pyro-api in .whl/ on a machine without internet.
 # Results (JSON) go to $OUT (default ./bench-out).
 set -uo pipefail
@@ -77,5 +82,19 @@ timeout 200 $BENCH gpu-single --model mlp --particles 8 32 64 --warmup 6 --steps
   --out "$OUT/regenerated_bf16_mlp.json" 2>&1 | grep -v -E "^INFO|USDT"
 timeout 200 $BENCH gpu-single --model vit --particles 8 32 --warmup 4 --steps 10 --tf32 \
   --variants fused_analytic fused_regenerated --out "$OUT/regenerated_vit_tf32.json" 2>&1 | grep -v -E "^INFO|USDT"
+;;
+tiles)
+timeout 200 python3 benchmarks/kernel_tiles.py --particles 32 --out "$OUT/tiles.json" 2>&1 | tee "$OUT/tiles.log" | cut -c1-160
+;;
+ab)
+[ -d "${BASE:-}/pyro_sp" ] || { echo "ab: expected BASE=<folder holding another version's pyro_sp>, got '${BASE:-}'"; exit 2; }
+TREE=$PYTHONPATH
+BASE_PATH=${TREE%"$PWD"}$(cd "$BASE" && pwd)  # the same path with the other version in the tree's place
+for i in 1 2; do for side in base tree; do
+  if [ $side = base ]; then export PYTHONPATH=$BASE_PATH; else export PYTHONPATH=$TREE; fi
+  echo "== $side, run $i"
+  timeout 100 $BENCH gpu-single --model mlp --particles 32 64 --warmup 8 --steps 40 --tf32 --fused-adam \
+    --variants fused_regenerated_graphs fused_regenerated --out "$OUT/ab_${side}_$i.json" 2>&1 | grep -v -E "^INFO|USDT" | tail -3
+done; done
 ;;
 esac
