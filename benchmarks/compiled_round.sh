@@ -13,8 +13,8 @@
 #                                                  # torch.utils.checkpoint), the bare products, bf16, ViT
 #   bash benchmarks/compiled_round.sh tiles        # each tile of the noise kernels alone (kernel_tiles.py)
 #   BASE=.whl/base bash benchmarks/compiled_round.sh ab  # this tree's regenerated step against another
-#       version's package, two runs each, taking turns on one machine (runs differ by up to 1 ms:
-#       compare within one call). Make the other version with, e.g.,
+#       version's package, two runs each, taking turns on one machine, each run printing the package it
+#       loaded (runs differ by up to 1 ms: compare within one call). Make the other version with, e.g.,
 #       mkdir -p .whl/base && git archive HEAD pyro_sp | tar -x -C .whl/base   (carry .whl)
 # Needs the wheels of pyro-ppl and pyro-api in .whl/ on a machine without internet.
 # Results (JSON) go to $OUT (default ./bench-out).
@@ -90,11 +90,13 @@ ab)
 [ -d "${BASE:-}/pyro_sp" ] || { echo "ab: expected BASE=<folder holding another version's pyro_sp>, got '${BASE:-}'"; exit 2; }
 TREE=$PYTHONPATH
 BASE_PATH=${TREE%"$PWD"}$(cd "$BASE" && pwd)  # the same path with the other version in the tree's place
+OUT_DIR=$(cd "$OUT" && pwd)
+# run from $OUT_DIR: run from the tree, `python -m` puts the tree's pyro_sp before PYTHONPATH on both sides
 for i in 1 2; do for side in base tree; do
   if [ $side = base ]; then export PYTHONPATH=$BASE_PATH; else export PYTHONPATH=$TREE; fi
-  echo "== $side, run $i"
-  timeout 100 $BENCH gpu-single --model mlp --particles 32 64 --warmup 8 --steps 40 --tf32 --fused-adam \
-    --variants fused_regenerated_graphs fused_regenerated --out "$OUT/ab_${side}_$i.json" 2>&1 | grep -v -E "^INFO|USDT" | tail -3
+  (cd "$OUT_DIR" && echo "== $side, run $i: $(python3 -c 'import pyro_sp; print(pyro_sp.__file__)')" &&
+   timeout 100 $BENCH gpu-single --model mlp --particles 32 64 --warmup 8 --steps 40 --tf32 --fused-adam \
+     --variants fused_regenerated_graphs fused_regenerated --out "ab_${side}_$i.json" 2>&1 | grep -v -E "^INFO|USDT" | tail -3)
 done; done
 ;;
 esac

@@ -40,9 +40,10 @@ def _compiled(launch) -> dict:
             "shared_bytes": getattr(meta, "shared", None)}
 
 
-def _chosen(launcher) -> list:
-    """The tiles the autotuner kept, per key."""
-    return [str(config) for config in getattr(launcher, "cache", {}).values()]
+def _chosen(launcher) -> dict:
+    """The tiles the autotuner kept so far, by key (the shapes' sizes: the layers timed before this one
+    are there too)."""
+    return {str(key): str(config) for key, config in getattr(launcher, "cache", {}).items()}
 
 
 def forward_launch(mod, tile, x, loc, scale, seeds, y, shared: bool, precision: str):
@@ -50,9 +51,9 @@ def forward_launch(mod, tile, x, loc, scale, seeds, y, shared: bool, precision: 
     :func:`~pyro_sp.nn.regenerated_noise.noise_linear` launches it: a function of no arguments."""
     bm, bo, bk, warps, stages = tile
     (o, k), n, m = loc.shape, seeds.shape[0], x.shape[-2]
-    grid = (rn._cdiv(m, bm) * rn._cdiv(o, bo), n)
+    grid = (n * rn._cdiv(m, bm) * rn._cdiv(o, bo),)  # the particles fastest
     return lambda: mod.forward_kernel[grid](
-        x, loc, scale, seeds, y, m, o, k, rn._cdiv(k, 4), 0 if shared else x.stride(0), x.stride(-2), x.stride(-1),
+        x, loc, scale, seeds, y, n, m, o, k, rn._cdiv(k, 4), 0 if shared else x.stride(0), x.stride(-2), x.stride(-1),
         *y.stride(), BM=bm, BO=bo, BK=bk, ROUNDS=rn.ROUNDS, PRECISION=precision, ACC=rn._accumulator(x.dtype),
         num_warps=warps, num_stages=stages)
 
@@ -62,7 +63,7 @@ def grad_input_launch(mod, tile, gy, loc, scale, seeds, gx, precision: str):
     ``(BM, BK, BO, warps, stages)``, as the operator's backward launches it."""
     bm, bk, bo, warps, stages = tile
     (o, k), n, m = loc.shape, seeds.shape[0], gy.shape[-2]
-    grid = (rn._cdiv(m, bm) * rn._cdiv(k, bk), n)
+    grid = (n * rn._cdiv(m, bm) * rn._cdiv(k, bk),)  # the particles fastest
     return lambda: mod.grad_input_kernel[grid](
         gy, loc, scale, seeds, gx, n, m, o, k, rn._cdiv(k, 4), *gy.stride(), *gx.stride(), SUM_PARTICLES=False,
         BM=bm, BK=bk, BO=bo, ROUNDS=rn.ROUNDS, PRECISION=precision, ACC=rn._accumulator(gy.dtype),
@@ -112,10 +113,12 @@ def main(argv=None) -> int:
                    help="more tiles, each 'rows,cols,inner,warps,stages' (forward: BM,BO,BK; grad_input: BM,BK,BO)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    extra = [tuple(int(v) for v in t.split(",")) if t.replace(",", "").isdigit() else None for t in args.extra]
+    if any(t is None or len(t) != 5 for t in extra):
+        p.error(f"expected each --extra tile as 5 numbers 'rows,cols,inner,warps,stages', got {args.extra}")
     if not torch.cuda.is_available():
         print("needs a CUDA device")
         return 1
-    extra = [tuple(int(v) for v in t.split(",")) for t in args.extra]
     tiles = {kind: list(rn._CUDA_TILES[kind]) + [t for t in extra if t not in rn._CUDA_TILES[kind]]
              for kind in ("forward", "grad_input")}
     result = {"device": torch.cuda.get_device_name(), "precision": args.precision, "tiles": tiles, "layers": []}

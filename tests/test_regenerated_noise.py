@@ -382,7 +382,7 @@ def test_mean_field_argument_errors():
 
 # ---- the compiled kernels ------------------------------------------------------------------------
 _SIGNATURES = {
-    "forward_kernel": ("*fp32 *fp32 *fp32 *i64 *fp32" + " i32" * 10, ("BM", "BO", "BK"), {}),
+    "forward_kernel": ("*fp32 *fp32 *fp32 *i64 *fp32" + " i32" * 11, ("BM", "BO", "BK"), {}),
     "grad_input_kernel": ("*fp32 *fp32 *fp32 *i64 *fp32" + " i32" * 11, ("BM", "BK", "BO"), {"SUM_PARTICLES": True}),
     # no PRECISION: its two cases compile ACCUMULATE's two branches instead (below)
     "weight_grad_kernel": ("*fp32 *i64 *fp32 *fp32" + " i32" * 5, ("BO", "BK"), {}),
@@ -443,7 +443,7 @@ def test_kernel_tiles_benchmark_launches_the_kernels_as_the_operators_do():
     spec.loader.exec_module(kt)
     mod = rn.kernels(torch.device("cpu"))
     g = torch.Generator().manual_seed(3)
-    N, M, O, K = 2, 5, 6, 20
+    N, M, O, K = 2, 40, 70, 100  # several tiles each way, the last ones partial
     loc = torch.randn(O, K, generator=g, dtype=torch.float64)
     scale = torch.rand(O, K, generator=g, dtype=torch.float64)
     seeds = torch.tensor([7, -2], dtype=torch.int64)
@@ -452,10 +452,39 @@ def test_kernel_tiles_benchmark_launches_the_kernels_as_the_operators_do():
         x = torch.randn((M, K) if shared else (N, M, K), generator=g, dtype=torch.float64)
         y = torch.empty(N, M, O, dtype=torch.float64)
         with rn._language_restored():
-            kt.forward_launch(mod, (16, 16, 16, 4, 1), x, loc, scale, seeds, y, shared, "ieee")()
+            kt.forward_launch(mod, (16, 32, 64, 4, 1), x, loc, scale, seeds, y, shared, "ieee")()
         assert_close(y, rn.noise_linear(x, loc, scale, seeds, shared, "ieee"), rtol=1e-12, atol=1e-12)
     gx = torch.empty(N, M, K, dtype=torch.float64)
     with rn._language_restored():
-        kt.grad_input_launch(mod, (16, 16, 16, 4, 1), gy, loc, scale, seeds, gx, "ieee")()
+        kt.grad_input_launch(mod, (16, 64, 32, 4, 1), gy, loc, scale, seeds, gx, "ieee")()
     w = loc + scale * rn.weight_noise(seeds, (O, K), torch.float64)
     assert_close(gx, gy @ w, rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_sass_counts_the_main_loop(monkeypatch, tmp_path):
+    """benchmarks/kernel_sass.py compiles a kernel for sm_90 (no GPU) and counts its main loop's
+    instructions: the loop of the moments kernel draws 16 normals per thread per iteration (a 32 x 64
+    tile, 4 warps), with Philox's multiplications among them."""
+    import importlib.util
+    import json
+    import os
+
+    pytest.importorskip("triton.compiler", reason="needs Triton's compiler")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernel_sass.py")
+    spec = importlib.util.spec_from_file_location("kernel_sass", path)
+    ks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ks)
+    out = tmp_path / "sass.json"
+    assert ks.main(["moments_kernel", "--tile", "32", "64", "--warps", "4", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["normals_per_thread_per_iteration"] == 16
+    assert 100 < r["loop_instructions"] < 2000 and r["loop_opcodes"].get("IMAD.WIDE.U32", 0) >= 16
+    # the loop is the longest backward branch
+    text = "\n".join(["        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+                      "        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;",
+                      "        /*0020*/                   IMAD R3, R2, R2, RZ ;",
+                      "        /*0030*/              @P0 BRA 0x10 ;",
+                      "        /*0040*/                   EXIT ;"])
+    total, ops = ks.loop_counts(text)
+    assert total == 3 and ops == {"IADD3": 1, "IMAD": 1, "BRA": 1}

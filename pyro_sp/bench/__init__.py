@@ -98,9 +98,9 @@ def format_result(result: dict) -> str:
 
 def write_result(path: str | None, result: dict, partial: bool = False) -> None:
     """Write a suite's or script's ``result`` as indented JSON to ``path``, making its folder (nothing
-    for ``path=None``). ``partial``: what was measured so far, marked ``"partial": true``, written as a
+    for no path, ``None`` or ``""``). ``partial``: what was measured so far, marked ``"partial": true``, written as a
     run goes so that a time limit ending it keeps the rows; the whole result overwrites it at the end."""
-    if path is None:
+    if not path:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

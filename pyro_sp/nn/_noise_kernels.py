@@ -45,12 +45,12 @@ def _philox(seed, counter, ROUNDS: tl.constexpr):
     c2 = c0 * 0
     c3 = c0 * 0
     for _ in tl.static_range(ROUNDS):
-        p0 = c0
-        p2 = c2
-        c0 = tl.umulhi(_ROUND_B, p2) ^ c1 ^ k0
-        c2 = tl.umulhi(_ROUND_A, p0) ^ c3 ^ k1
-        c1 = p2 * _ROUND_B
-        c3 = p0 * _ROUND_A
+        hi_b, lo_b = _mulhilo(c2, _ROUND_B)
+        hi_a, lo_a = _mulhilo(c0, _ROUND_A)
+        c0 = hi_b ^ c1 ^ k0
+        c2 = hi_a ^ c3 ^ k1
+        c1 = lo_b
+        c3 = lo_a
         k0 = k0 + _KEY_A
         k1 = k1 + _KEY_B
     return c0, c1, c2, c3
@@ -68,6 +68,19 @@ _APPROX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 def _approx(x, INSTRUCTION: tl.constexpr):
     return tl.inline_asm_elementwise(INSTRUCTION + ".approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
                                      is_pure=True, pack=1)
+
+
+@triton.jit
+def _mulhilo(a, M: tl.constexpr):
+    """The high and low 32-bit words of the 64-bit product ``a * M`` (``a`` uint32). Compiled, one
+    ``mul.wide.u32`` (the 64-bit product written in Triton is widened by LLVM into 64-bit arithmetic for
+    the whole round, twice the instructions; ``umulhi`` and a low product are two multiplications)."""
+    if _APPROX:
+        return tl.inline_asm_elementwise("{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$1, $0}, t; }",
+                                         "=r,=r,r,r", [a, tl.full(a.shape, M, tl.uint32)],
+                                         dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+    else:
+        return tl.umulhi(a, M), a * M
 
 
 @triton.jit
@@ -115,14 +128,24 @@ def _weight(loc, scale, seed, offs_o, k0, O, K, Kq, BO: tl.constexpr, BK: tl.con
 
 
 @triton.jit
-def _tile(R, BR: tl.constexpr, BC: tl.constexpr):
-    """This program's tile of a grid of ``[BR, BC]`` tiles over ``R`` rows, the row blocks fastest (the
-    row blocks of one column block run side by side, reading what they share from L2): its row
-    offsets, its first column and its column offsets."""
-    pid = tl.program_id(0)
+def _tile(t, R, BR: tl.constexpr, BC: tl.constexpr):
+    """Tile ``t`` of a grid of ``[BR, BC]`` tiles over ``R`` rows, the row blocks fastest (the row blocks
+    of one column block run side by side, reading what they share from L2): its row offsets, its first
+    column and its column offsets."""
     num_r = (R + BR - 1) // BR
-    c0 = (pid // num_r) * BC
-    return (pid % num_r) * BR + tl.arange(0, BR), c0, c0 + tl.arange(0, BC)
+    c0 = (t // num_r) * BC
+    return (t % num_r) * BR + tl.arange(0, BR), c0, c0 + tl.arange(0, BC)
+
+
+@triton.jit
+def _particle_tile(N, R, BR: tl.constexpr, BC: tl.constexpr):
+    """This program's particle and :func:`_tile` in a grid of ``N`` particles times the tiles, the
+    particles fastest: the ``N`` particles of one tile run side by side and read its :math:`\\mu`,
+    :math:`\\sigma` from L2 (with the tiles fastest, every particle read the whole weight from memory
+    again, the weight being larger than L2)."""
+    pid = tl.program_id(0)
+    offs_r, c0, offs_c = _tile(pid // N, R, BR, BC)
+    return pid % N, offs_r, c0, offs_c
 
 
 @triton.jit
@@ -141,21 +164,24 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def forward_kernel(x, loc, scale, seeds, y, M, O, K, Kq, sxn, sxm, sxk, syn, sym, syo,
+def forward_kernel(x, loc, scale, seeds, y, N, M, O, K, Kq, sxn, sxm, sxk, syn, sym, syo,
                    BM: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr,
                    PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """``y[n] = x[n] @ W_n.T`` for ``n = program_id(1)`` (``sxn = 0``: one input for all particles)."""
-    n = tl.program_id(1)
-    offs_m, _, offs_o = _tile(M, BM, BO)
+    """``y[n] = x[n] @ W_n.T`` for this program's particle ``n`` (``sxn = 0``: one input for all
+    particles), formed transposed, ``W_n @ x[n].T``: the weight tile, drawn in registers, is the
+    product's first operand, which the tensor cores read from registers, so that the next tile's noise
+    is drawn while they multiply (as the second operand it went through shared memory, and each product
+    waited for the last)."""
+    n, offs_m, _, offs_o = _particle_tile(N, M, BM, BO)
     seed = tl.load(seeds + n)
-    acc = tl.full((BM, BO), 0, ACC)
+    acc = tl.full((BO, BM), 0, ACC)
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
         xt = tl.load(x + n * sxn + offs_m[:, None] * sxm + offs_k[None, :] * sxk,
                      mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = _weight(loc, scale, seed, offs_o, k0, O, K, Kq, BO, BK, ROUNDS)
-        acc = _dot(xt, tl.trans(w), acc, PRECISION)
-    tl.store(y + n * syn + offs_m[:, None] * sym + offs_o[None, :] * syo, acc.to(y.dtype.element_ty),
+        acc = _dot(w, tl.trans(xt), acc, PRECISION)
+    tl.store(y + n * syn + offs_m[:, None] * sym + offs_o[None, :] * syo, tl.trans(acc).to(y.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_o[None, :] < O))
 
 
@@ -163,16 +189,17 @@ def forward_kernel(x, loc, scale, seeds, y, M, O, K, Kq, sxn, sxm, sxk, syn, sym
 def grad_input_kernel(gy, loc, scale, seeds, gx, N, M, O, K, Kq, sgn, sgm, sgo, sxn, sxm, sxk,
                       SUM_PARTICLES: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
                       ROUNDS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
-    """``gx[n] = gy[n] @ W_n`` for ``n = program_id(1)``, or, with ``SUM_PARTICLES`` (an input
-    shared by the particles), ``gx = sum_n gy[n] @ W_n``."""
-    offs_m, k0, offs_k = _tile(M, BM, BK)
+    """``gx[n] = gy[n] @ W_n`` for this program's particle ``n``, or, with ``SUM_PARTICLES`` (an input
+    shared by the particles), ``gx = sum_n gy[n] @ W_n``; formed transposed, ``W_n.T @ gy[n].T``, the
+    weight tile the first operand (:func:`forward_kernel`)."""
     if SUM_PARTICLES:
+        offs_m, k0, offs_k = _tile(tl.program_id(0), M, BM, BK)
         first = 0
         last = N
     else:
-        first = tl.program_id(1)
+        first, offs_m, k0, offs_k = _particle_tile(N, M, BM, BK)
         last = first + 1
-    acc = tl.full((BM, BK), 0, ACC)
+    acc = tl.full((BK, BM), 0, ACC)
     for n in range(first, last):
         seed = tl.load(seeds + n)
         for o0 in range(0, O, BO):
@@ -180,8 +207,8 @@ def grad_input_kernel(gy, loc, scale, seeds, gx, N, M, O, K, Kq, sgn, sgm, sgo, 
             g = tl.load(gy + n * sgn + offs_m[:, None] * sgm + offs_o[None, :] * sgo,
                         mask=(offs_m[:, None] < M) & (offs_o[None, :] < O), other=0.0)
             w = _weight(loc, scale, seed, offs_o, k0, O, K, Kq, BO, BK, ROUNDS)
-            acc = _dot(g, w, acc, PRECISION)
-    tl.store(gx + first * sxn + offs_m[:, None] * sxm + offs_k[None, :] * sxk, acc.to(gx.dtype.element_ty),
+            acc = _dot(tl.trans(w), tl.trans(g), acc, PRECISION)
+    tl.store(gx + first * sxn + offs_m[:, None] * sxm + offs_k[None, :] * sxk, tl.trans(acc).to(gx.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
@@ -192,7 +219,7 @@ def weight_grad_kernel(p, seeds, gloc, gscale, first, C, O, K, Kq, ACCUMULATE: t
     ``P_c = gy[n].T @ x[n]`` (``p``, ``(C, O, K)``, written by the BLAS):
     ``gloc (+)= sum_c P_c`` and ``gscale (+)= sum_c P_c * eps_{first + c}`` (added to what they hold
     with ``ACCUMULATE``). One read of each product; the noise drawn again, tile by tile."""
-    offs_o, k0, offs_k = _tile(O, BO, BK)
+    offs_o, k0, offs_k = _tile(tl.program_id(0), O, BO, BK)
     mask = (offs_o[:, None] < O) & (offs_k[None, :] < K)
     where = offs_o[:, None] * K + offs_k[None, :]
     if ACCUMULATE:
@@ -214,7 +241,7 @@ def weight_grad_kernel(p, seeds, gloc, gscale, first, C, O, K, Kq, ACCUMULATE: t
 def noise_kernel(seeds, out, O, K, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
     """``out[n] = eps_n`` (``(O, K)`` each), written: the reference the tests compare with."""
     n = tl.program_id(1)
-    offs_o, k0, offs_k = _tile(O, BO, BK)
+    offs_o, k0, offs_k = _tile(tl.program_id(0), O, BO, BK)
     eps = _noise(tl.load(seeds + n), offs_o, k0, Kq, BO, BK, ROUNDS)
     tl.store(out + n * O * K + offs_o[:, None] * K + offs_k[None, :], eps.to(out.dtype.element_ty),
              mask=(offs_o[:, None] < O) & (offs_k[None, :] < K))
@@ -224,7 +251,7 @@ def noise_kernel(seeds, out, O, K, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUND
 def moments_kernel(seeds, m1, m2, N, O, K, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
     """``m1 = sum_n eps_n`` and ``m2 = sum_n eps_n ** 2`` (``(O, K)``): all that the sampled
     log-densities :math:`\\log p(W_n)`, :math:`\\log q(W_n)` need of the noise."""
-    offs_o, k0, offs_k = _tile(O, BO, BK)
+    offs_o, k0, offs_k = _tile(tl.program_id(0), O, BO, BK)
     s1 = tl.full((BO, BK), 0, m1.dtype.element_ty)
     s2 = tl.full((BO, BK), 0, m1.dtype.element_ty)
     for n in range(0, N):

@@ -74,16 +74,19 @@ _KERNELS: dict[bool, object] = {}
 # tile sizes tried per kernel on CUDA (the autotuner keeps the fastest per shape), and the one
 # tile the interpreter runs
 _CUDA_TILES = {
-    "forward": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 2),
-                (256, 64, 32, 8, 3), (256, 128, 32, 8, 2), (128, 32, 64, 4, 4)],
-    "grad_input": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 2),
-                   (256, 64, 32, 8, 3), (256, 128, 32, 8, 2)],
+    # a whole batch of 256 rows per tile (BM = 256) draws each weight tile's noise once per particle; a
+    # K step of 16 keeps two programs on an SM, one drawing while the other's products run (one H100,
+    # benchmarks/kernel_tiles.py); the last one suits small layers (O = 10)
+    "forward": [(256, 64, 16, 8, 3), (256, 64, 16, 8, 4), (256, 64, 32, 8, 3), (256, 128, 16, 8, 3),
+                (256, 64, 16, 4, 3), (128, 128, 32, 8, 3), (128, 32, 64, 4, 4)],
+    "grad_input": [(256, 64, 16, 8, 3), (256, 64, 16, 8, 4), (256, 64, 32, 8, 3), (256, 128, 16, 8, 3),
+                   (256, 64, 16, 4, 3), (128, 128, 32, 8, 3)],
     # memory-bound: one read of the products, the noise drawn, two (O, K) sums
     "weight_grad": [(32, 64, 0, 4, 3), (64, 64, 0, 4, 3), (32, 128, 0, 4, 3), (64, 128, 0, 8, 3),
                     (128, 64, 0, 8, 3), (16, 128, 0, 4, 4)],
 }
 _NAMES = {"forward": ("BM", "BO", "BK"), "grad_input": ("BM", "BK", "BO"), "weight_grad": ("BO", "BK")}
-_KEYS = {"forward": ["M", "O", "K"], "grad_input": ["N", "M", "O", "K"], "weight_grad": ["C", "O", "K"]}
+_KEYS = {"forward": ["N", "M", "O", "K"], "grad_input": ["N", "M", "O", "K"], "weight_grad": ["C", "O", "K"]}
 #: what a weight_grad launch adds to, restored between the autotuner's trial runs
 _RESTORE = {"weight_grad": ["gloc", "gscale"]}
 _INTERPRETER_TILE = (16, 16, 16)
@@ -297,10 +300,10 @@ def noise_linear(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, seeds:
     precision = _precision(x, loc, precision)
     sxn = 0 if shared else x.stride(0)
 
-    def grid(meta):
-        return (_cdiv(M, meta["BM"]) * _cdiv(O, meta["BO"]), N)
+    def grid(meta):  # the particles fastest (forward_kernel)
+        return (N * _cdiv(M, meta["BM"]) * _cdiv(O, meta["BO"]),)
 
-    k.forward[grid](x, loc, scale, seeds, y, M, O, K, _cdiv(K, 4), sxn, x.stride(-2), x.stride(-1),
+    k.forward[grid](x, loc, scale, seeds, y, N, M, O, K, _cdiv(K, 4), sxn, x.stride(-2), x.stride(-1),
                     *y.stride(), ROUNDS=ROUNDS, PRECISION=precision, ACC=_accumulator(x.dtype))
     return y
 
@@ -326,8 +329,8 @@ def noise_linear_backward(gy: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, 
         if N == 0 or M == 0 or O == 0:
             gx.zero_()
         else:
-            def grid(meta):
-                return (_cdiv(M, meta["BM"]) * _cdiv(K, meta["BK"]), 1 if shared else N)
+            def grid(meta):  # the particles fastest (grad_input_kernel), or one sum over them
+                return ((1 if shared else N) * _cdiv(M, meta["BM"]) * _cdiv(K, meta["BK"]),)
 
             k.grad_input[grid](gy, loc, scale, seeds, gx, N, M, O, K, kq, *gy.stride(),
                                0 if shared else gx.stride(0), gx.stride(-2), gx.stride(-1),
