@@ -15,7 +15,8 @@
 #   BASE=.whl/base bash benchmarks/compiled_round.sh ab  # this tree's regenerated step against another
 #       version's package, two runs each, taking turns on one machine, each run printing the package it
 #       loaded (runs differ by up to 1 ms: compare within one call). Make the other version with, e.g.,
-#       mkdir -p .whl/base && git archive HEAD pyro_sp | tar -x -C .whl/base   (carry .whl)
+#       mkdir -p .whl/base && git archive REV pyro_sp | tar -x -C .whl/base   (REV: the version to
+#       compare with, e.g. 0d98caf for round 6's kernels; carry .whl)
 # Needs the wheels of pyro-ppl and pyro-api in .whl/ on a machine without internet.
 # Results (JSON) go to $OUT (default ./bench-out).
 set -uo pipefail
@@ -95,7 +96,7 @@ OUT_DIR=$(cd "$OUT" && pwd)
 for i in 1 2; do for side in base tree; do
   if [ $side = base ]; then export PYTHONPATH=$BASE_PATH; else export PYTHONPATH=$TREE; fi
   (cd "$OUT_DIR" && echo "== $side, run $i: $(python3 -c 'import pyro_sp; print(pyro_sp.__file__)')" &&
-   timeout 100 $BENCH gpu-single --model mlp --particles 32 64 --warmup 8 --steps 40 --tf32 --fused-adam \
+   timeout 200 $BENCH gpu-single --model mlp --particles 32 64 --warmup 8 --steps 40 --tf32 --fused-adam \
      --variants fused_regenerated_graphs fused_regenerated --out "ab_${side}_$i.json" 2>&1 | grep -v -E "^INFO|USDT" | tail -3)
 done; done
 ;;

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """
 What the GPU would run of a regenerated-noise kernel, without a GPU: the kernel compiled for
-sm_90 by Triton's own compiler (specialized as the JIT specializes a launch: unit strides as
-constants, the other integers and the pointers 16-divisible), its SASS disassembled with the
+sm_90 by Triton's own compiler (specialized about as the JIT specializes a launch of the MLP's
+large layers: unit strides as constants, the pointers and the sizes other than the particle
+counts 16-divisible; a launch can differ, e.g. O = 10), its SASS disassembled with the
 ``cuobjdump`` that ships with Triton, and the instructions of its main loop (the longest backward
 branch) counted by opcode, with the number of normals one thread draws per iteration. Also how
 many tensor-core products each wait leaves running (``warp_group_dot_wait``'s ``pendings``, in
@@ -119,7 +120,10 @@ def main(argv=None) -> int:
     rows, cols = (constants[c] for c in NOISE_TILE[args.kernel])
     normals = rows * cols / (32 * args.warps)
     ttgir = compiled.asm.get("ttgir", "")
+    import triton
+
     result = {"kernel": args.kernel, "module": args.module or "pyro_sp/nn/_noise_kernels.py",
+              "triton": triton.__version__, "target": "sm_90",
               "tile": dict(zip(TILES[args.kernel], args.tile)), "warps": args.warps, "stages": args.stages,
               "precision": args.precision, "shared_bytes": compiled.metadata.shared,
               "loop_instructions": total, "normals_per_thread_per_iteration": normals,
