@@ -37,9 +37,8 @@ POINTERS = {"x": "*fp32", "loc": "*fp32", "scale": "*fp32", "y": "*fp32", "gy": 
             "p": "*fp32", "gloc": "*fp32", "gscale": "*fp32", "out": "*fp32", "m1": "*fp32", "m2": "*fp32",
             "seeds": "*i64"}
 UNIT_STRIDES = ("sxk", "syo", "sgo")
-#: the normals one thread draws per loop iteration: (elements of the noise tile) / threads
-NOISE_TILE = {"forward_kernel": ("BO", "BK"), "grad_input_kernel": ("BO", "BK"), "weight_grad_kernel": ("BO", "BK"),
-              "moments_kernel": ("BO", "BK"), "noise_kernel": ("BO", "BK")}
+#: the noise tile's sides in every kernel: a thread draws (BO * BK) / threads normals per loop iteration
+NOISE_TILE = ("BO", "BK")
 _ADDRESS = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)")
 _BRANCH = re.compile(r"BRA (0x[0-9a-f]+)")
 
@@ -117,7 +116,7 @@ def main(argv=None) -> int:
     compiled, constants = compile_kernel(_module(args.module), args.kernel, args.tile, args.warps, args.stages,
                                          args.precision, extra)
     total, ops = loop_counts(sass(compiled))
-    rows, cols = (constants[c] for c in NOISE_TILE[args.kernel])
+    rows, cols = (constants[c] for c in NOISE_TILE)
     normals = rows * cols / (32 * args.warps)
     ttgir = compiled.asm.get("ttgir", "")
     import triton

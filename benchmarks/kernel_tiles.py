@@ -18,18 +18,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import itertools
+
 import torch
 
+from benchmarks.regenerated_check import BATCH, SIZES, median_ms
 from pyro_sp.bench import write_result
-from pyro_sp.bench.timing import timed
 from pyro_sp.nn import regenerated_noise as rn
 
-BATCH = 256
-LAYERS = ((3072, 2048, True), (2048, 2048, False), (2048, 10, False))  # in, out, shared input
-
-
-def _median_ms(fn) -> float:
-    return timed(fn, warmup=3, steps=20, device=torch.device("cuda"), events=True)["step_ms_median"]
+#: the MLP's layers (in, out, shared input): the first one's input is the data, shared by the particles
+LAYERS = [(k, o, i == 0) for i, (k, o) in enumerate(itertools.pairwise(SIZES))]
 
 
 def _compiled(launch) -> dict:
@@ -72,7 +70,7 @@ def grad_input_launch(mod, tile, gy, loc, scale, seeds, gx, precision: str):
 
 def _row(tile, launch) -> dict:
     try:
-        return {"tile": list(tile), **_compiled(launch), "ms": _median_ms(launch)}
+        return {"tile": list(tile), **_compiled(launch), "ms": median_ms(launch)}
     except Exception as e:  # noqa: BLE001 - a tile that does not fit is a result, not a failure
         return {"tile": list(tile), "error": f"{type(e).__name__}: {str(e)[:200]}"}
 
@@ -101,7 +99,7 @@ def shape_tiles(n: int, k: int, o: int, shared: bool, precision: str, tiles: dic
     locr, scaler = loc.clone().requires_grad_(), scale.clone().requires_grad_()
     rn.noise_linear(xr, locr, scaler, seeds, shared, precision).backward(gy)
     out["autotuned"] = {"forward": _chosen(mod.forward), "grad_input": _chosen(mod.grad_input)}
-    out["autotuned_ms"] = {"forward": _median_ms(lambda: rn.noise_linear(x, loc, scale, seeds, shared, precision))}
+    out["autotuned_ms"] = {"forward": median_ms(lambda: rn.noise_linear(x, loc, scale, seeds, shared, precision))}
     return out
 
 

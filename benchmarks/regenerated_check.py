@@ -60,7 +60,7 @@ def layer_errors(n: int, k: int, o: int, shared: bool, device) -> dict:
     return out
 
 
-def _median_ms(fn) -> float:
+def median_ms(fn) -> float:
     """Milliseconds per call of ``fn``: CUDA events, median of 20 after 3 untimed calls."""
     return timed(fn, warmup=3, steps=20, device=torch.device("cuda"), events=True)["step_ms_median"]
 
@@ -86,21 +86,21 @@ def layer_times(n: int, k: int, o: int, shared: bool, device, precision: str, ba
     def backward():
         return rn.noise_linear_backward(gy, x, loc, scale, seeds, shared, precision, not shared)
 
-    times = {"forward": _median_ms(lambda: rn.noise_linear(x, loc, scale, seeds, shared, precision)),
-             "backward": _median_ms(backward)}
+    times = {"forward": median_ms(lambda: rn.noise_linear(x, loc, scale, seeds, shared, precision)),
+             "backward": median_ms(backward)}
     default = rn.CHUNK_BYTES
     try:
         for mib in chunks_mib:
             rn.CHUNK_BYTES = mib * 2**20
-            times[f"backward_chunk{mib}MiB"] = _median_ms(backward)
+            times[f"backward_chunk{mib}MiB"] = median_ms(backward)
     finally:
         rn.CHUNK_BYTES = default
     return {
         "shape": {"particles": n, "rows": batch, "in": k, "out": o, "shared_input": shared},
         **times,
-        "noise_moments": _median_ms(lambda: rn.noise_moments(seeds, (o, k))),
-        "bmm_forward": _median_ms(lambda: torch.bmm(xb, w.transpose(1, 2))),
-        "bmm_backward": _median_ms(lambda: (torch.bmm(gy, w), torch.bmm(gy.transpose(1, 2), xb))),
+        "noise_moments": median_ms(lambda: rn.noise_moments(seeds, (o, k))),
+        "bmm_forward": median_ms(lambda: torch.bmm(xb, w.transpose(1, 2))),
+        "bmm_backward": median_ms(lambda: (torch.bmm(gy, w), torch.bmm(gy.transpose(1, 2), xb))),
     }
 
 
