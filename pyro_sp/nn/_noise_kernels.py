@@ -140,9 +140,9 @@ def _tile(t, R, BR: tl.constexpr, BC: tl.constexpr):
 @triton.jit
 def _particle_tile(N, R, BR: tl.constexpr, BC: tl.constexpr):
     """This program's particle and :func:`_tile` in a grid of ``N`` particles times the tiles, the
-    particles fastest: the ``N`` particles of one tile run side by side and read its :math:`\\mu`,
-    :math:`\\sigma` from L2 (with the tiles fastest, every particle read the whole weight from memory
-    again, the weight being larger than L2)."""
+    particles fastest: the ``N`` particles of one tile run side by side, so that they can share its
+    :math:`\\mu`, :math:`\\sigma` through L2 (with the tiles fastest, each particle's pass over a weight
+    larger than L2 comes after the others' have left it; the effect was not measured on its own)."""
     pid = tl.program_id(0)
     offs_r, c0, offs_c = _tile(pid // N, R, BR, BC)
     return pid % N, offs_r, c0, offs_c
@@ -169,9 +169,9 @@ def forward_kernel(x, loc, scale, seeds, y, N, M, O, K, Kq, sxn, sxm, sxk, syn, 
                    PRECISION: tl.constexpr, ACC: tl.constexpr):
     """``y[n] = x[n] @ W_n.T`` for this program's particle ``n`` (``sxn = 0``: one input for all
     particles), formed transposed, ``W_n @ x[n].T``: the weight tile, drawn in registers, is the
-    product's first operand, which the tensor cores read from registers, so that the next tile's noise
-    is drawn while they multiply (as the second operand it went through shared memory, and each product
-    waited for the last)."""
+    product's first operand, which the tensor cores read from registers, and the loop no longer waits
+    for each product as soon as it is issued, so the next tile's noise can be drawn while they multiply
+    (as the second operand it was staged in shared memory and each product was waited for at once)."""
     n, offs_m, _, offs_o = _particle_tile(N, M, BM, BO)
     seed = tl.load(seeds + n)
     acc = tl.full((BO, BM), 0, ACC)
