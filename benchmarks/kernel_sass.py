@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--precision", default="tf32", choices=("tf32", "bf16", "ieee"))
     p.add_argument("--module", default=None, help="another version of _noise_kernels.py (default: this tree's)")
+    p.add_argument("--masked", action="store_true",
+                   help="the loop with masks (EVEN off: a tile that does not divide the tensors; the MLP's large "
+                        "layers divide theirs)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if len(args.tile) != len(TILES[args.kernel]):
@@ -113,6 +116,7 @@ def main(argv=None) -> int:
     extra = {"SUM_PARTICLES": False} if args.kernel == "grad_input_kernel" else {}
     if args.kernel == "weight_grad_kernel":
         extra = {"ACCUMULATE": True}
+    extra["EVEN"] = not args.masked
     compiled, constants = compile_kernel(_module(args.module), args.kernel, args.tile, args.warps, args.stages,
                                          args.precision, extra)
     total, ops = loop_counts(sass(compiled))
@@ -124,7 +128,7 @@ def main(argv=None) -> int:
     result = {"kernel": args.kernel, "module": args.module or "pyro_sp/nn/_noise_kernels.py",
               "triton": triton.__version__, "target": "sm_90",
               "tile": dict(zip(TILES[args.kernel], args.tile)), "warps": args.warps, "stages": args.stages,
-              "precision": args.precision, "shared_bytes": compiled.metadata.shared,
+              "precision": args.precision, "masked": args.masked, "shared_bytes": compiled.metadata.shared,
               "loop_instructions": total, "normals_per_thread_per_iteration": normals,
               "instructions_per_normal": round(total / normals, 1) if normals else None,
               "product_waits_pendings": re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)", ttgir),

@@ -50,10 +50,11 @@ def forward_launch(mod, tile, x, loc, scale, seeds, y, shared: bool, precision: 
     bm, bo, bk, warps, stages = tile
     (o, k), n, m = loc.shape, seeds.shape[0], x.shape[-2]
     grid = (n * rn._cdiv(m, bm) * rn._cdiv(o, bo),)  # the particles fastest
+    even = rn.even("forward", {"M": m, "O": o, "K": k, "BM": bm, "BO": bo, "BK": bk})
     return lambda: mod.forward_kernel[grid](
         x, loc, scale, seeds, y, n, m, o, k, rn._cdiv(k, 4), 0 if shared else x.stride(0), x.stride(-2), x.stride(-1),
         *y.stride(), BM=bm, BO=bo, BK=bk, ROUNDS=rn.ROUNDS, PRECISION=precision, ACC=rn._accumulator(x.dtype),
-        num_warps=warps, num_stages=stages)
+        EVEN=even, num_warps=warps, num_stages=stages)
 
 
 def grad_input_launch(mod, tile, gy, loc, scale, seeds, gx, precision: str):
@@ -62,10 +63,11 @@ def grad_input_launch(mod, tile, gy, loc, scale, seeds, gx, precision: str):
     bm, bk, bo, warps, stages = tile
     (o, k), n, m = loc.shape, seeds.shape[0], gy.shape[-2]
     grid = (n * rn._cdiv(m, bm) * rn._cdiv(k, bk),)  # the particles fastest
+    even = rn.even("grad_input", {"M": m, "O": o, "K": k, "BM": bm, "BO": bo, "BK": bk})
     return lambda: mod.grad_input_kernel[grid](
         gy, loc, scale, seeds, gx, n, m, o, k, rn._cdiv(k, 4), *gy.stride(), *gx.stride(), SUM_PARTICLES=False,
         BM=bm, BK=bk, BO=bo, ROUNDS=rn.ROUNDS, PRECISION=precision, ACC=rn._accumulator(gy.dtype),
-        num_warps=warps, num_stages=stages)
+        EVEN=even, num_warps=warps, num_stages=stages)
 
 
 def _row(tile, launch) -> dict:

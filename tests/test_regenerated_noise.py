@@ -411,6 +411,7 @@ def test_kernels_compile_for_hopper(name, precision, monkeypatch, tmp_path):
     kind = name[: -len("_kernel")]
     if name == "weight_grad_kernel":
         extra = {"ACCUMULATE": precision == "tf32"}
+    extra = {**extra, "EVEN": precision == "tf32"}  # the loops with and without masks
     constants = {**dict(zip(tiles, rn._CUDA_TILES[kind][0][:3])), **extra, "ROUNDS": rn.ROUNDS,
                  "PRECISION": precision, "ACC": tl.float32}
     names = list(kernel.arg_names)

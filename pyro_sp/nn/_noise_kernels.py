@@ -116,13 +116,24 @@ def _noise(seed, offs_o, k0, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.
 
 
 @triton.jit
-def _weight(loc, scale, seed, offs_o, k0, O, K, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
+def _load(pointers, mask, EVEN: tl.constexpr):
+    """``tl.load(pointers)``, zero where ``mask`` is false, unless ``EVEN``: the tiles divide the tensors
+    and nothing is masked (the masks were a sixth of the forward loop's instructions, counted in SASS)."""
+    if EVEN:
+        return tl.load(pointers)
+    else:
+        return tl.load(pointers, mask=mask, other=0.0)
+
+
+@triton.jit
+def _weight(loc, scale, seed, offs_o, k0, O, K, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr,
+            EVEN: tl.constexpr):
     """The ``[BO, BK]`` tile of :math:`W = \\mu + \\sigma \\varepsilon` (zero outside ``(O, K)``)."""
     offs_k = k0 + tl.arange(0, BK)
     mask = (offs_o[:, None] < O) & (offs_k[None, :] < K)
     where = offs_o[:, None] * K + offs_k[None, :]
-    mu = tl.load(loc + where, mask=mask, other=0.0)
-    sigma = tl.load(scale + where, mask=mask, other=0.0)
+    mu = _load(loc + where, mask, EVEN)
+    sigma = _load(scale + where, mask, EVEN)
     eps = _noise(seed, offs_o, k0, Kq, BO, BK, ROUNDS)
     return mu + sigma * eps.to(mu.dtype)
 
@@ -166,7 +177,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 @triton.jit
 def forward_kernel(x, loc, scale, seeds, y, N, M, O, K, Kq, sxn, sxm, sxk, syn, sym, syo,
                    BM: tl.constexpr, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr,
-                   PRECISION: tl.constexpr, ACC: tl.constexpr):
+                   PRECISION: tl.constexpr, ACC: tl.constexpr, EVEN: tl.constexpr):
     """``y[n] = x[n] @ W_n.T`` for this program's particle ``n`` (``sxn = 0``: one input for all
     particles), formed transposed, ``W_n @ x[n].T``: the weight tile, drawn in registers, is the
     product's first operand, which the tensor cores read from registers, and the loop no longer waits
@@ -177,9 +188,9 @@ def forward_kernel(x, loc, scale, seeds, y, N, M, O, K, Kq, sxn, sxm, sxk, syn, 
     acc = tl.full((BO, BM), 0, ACC)
     for k0 in range(0, K, BK):
         offs_k = k0 + tl.arange(0, BK)
-        xt = tl.load(x + n * sxn + offs_m[:, None] * sxm + offs_k[None, :] * sxk,
-                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _weight(loc, scale, seed, offs_o, k0, O, K, Kq, BO, BK, ROUNDS)
+        xt = _load(x + n * sxn + offs_m[:, None] * sxm + offs_k[None, :] * sxk,
+                   (offs_m[:, None] < M) & (offs_k[None, :] < K), EVEN)
+        w = _weight(loc, scale, seed, offs_o, k0, O, K, Kq, BO, BK, ROUNDS, EVEN)
         acc = _dot(w, tl.trans(xt), acc, PRECISION)
     tl.store(y + n * syn + offs_m[:, None] * sym + offs_o[None, :] * syo, tl.trans(acc).to(y.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_o[None, :] < O))
@@ -188,7 +199,7 @@ def forward_kernel(x, loc, scale, seeds, y, N, M, O, K, Kq, sxn, sxm, sxk, syn, 
 @triton.jit
 def grad_input_kernel(gy, loc, scale, seeds, gx, N, M, O, K, Kq, sgn, sgm, sgo, sxn, sxm, sxk,
                       SUM_PARTICLES: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, BO: tl.constexpr,
-                      ROUNDS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+                      ROUNDS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, EVEN: tl.constexpr):
     """``gx[n] = gy[n] @ W_n`` for this program's particle ``n``, or, with ``SUM_PARTICLES`` (an input
     shared by the particles), ``gx = sum_n gy[n] @ W_n``; formed transposed, ``W_n.T @ gy[n].T``, the
     weight tile the first operand (:func:`forward_kernel`)."""
@@ -204,9 +215,9 @@ def grad_input_kernel(gy, loc, scale, seeds, gx, N, M, O, K, Kq, sgn, sgm, sgo, 
         seed = tl.load(seeds + n)
         for o0 in range(0, O, BO):
             offs_o = o0 + tl.arange(0, BO)
-            g = tl.load(gy + n * sgn + offs_m[:, None] * sgm + offs_o[None, :] * sgo,
-                        mask=(offs_m[:, None] < M) & (offs_o[None, :] < O), other=0.0)
-            w = _weight(loc, scale, seed, offs_o, k0, O, K, Kq, BO, BK, ROUNDS)
+            g = _load(gy + n * sgn + offs_m[:, None] * sgm + offs_o[None, :] * sgo,
+                      (offs_m[:, None] < M) & (offs_o[None, :] < O), EVEN)
+            w = _weight(loc, scale, seed, offs_o, k0, O, K, Kq, BO, BK, ROUNDS, EVEN)
             acc = _dot(tl.trans(w), tl.trans(g), acc, PRECISION)
     tl.store(gx + first * sxn + offs_m[:, None] * sxm + offs_k[None, :] * sxk, tl.trans(acc).to(gx.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
@@ -214,7 +225,7 @@ def grad_input_kernel(gy, loc, scale, seeds, gx, N, M, O, K, Kq, sgn, sgm, sgo, 
 
 @triton.jit
 def weight_grad_kernel(p, seeds, gloc, gscale, first, C, O, K, Kq, ACCUMULATE: tl.constexpr,
-                       BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr):
+                       BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.constexpr, EVEN: tl.constexpr):
     """The weight gradients' share of particles ``first ... first + C - 1`` from their products
     ``P_c = gy[n].T @ x[n]`` (``p``, ``(C, O, K)``, written by the BLAS):
     ``gloc (+)= sum_c P_c`` and ``gscale (+)= sum_c P_c * eps_{first + c}`` (added to what they hold
@@ -223,13 +234,13 @@ def weight_grad_kernel(p, seeds, gloc, gscale, first, C, O, K, Kq, ACCUMULATE: t
     mask = (offs_o[:, None] < O) & (offs_k[None, :] < K)
     where = offs_o[:, None] * K + offs_k[None, :]
     if ACCUMULATE:
-        s_loc = tl.load(gloc + where, mask=mask, other=0.0)
-        s_scale = tl.load(gscale + where, mask=mask, other=0.0)
+        s_loc = _load(gloc + where, mask, EVEN)
+        s_scale = _load(gscale + where, mask, EVEN)
     else:
         s_loc = tl.full((BO, BK), 0, gloc.dtype.element_ty)
         s_scale = tl.full((BO, BK), 0, gloc.dtype.element_ty)
     for c in range(0, C):
-        pc = tl.load(p + c * O * K + where, mask=mask, other=0.0).to(s_loc.dtype)
+        pc = _load(p + c * O * K + where, mask, EVEN).to(s_loc.dtype)
         eps = _noise(tl.load(seeds + first + c), offs_o, k0, Kq, BO, BK, ROUNDS)
         s_loc += pc
         s_scale += pc * eps.to(s_loc.dtype)

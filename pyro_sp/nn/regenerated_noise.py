@@ -58,6 +58,7 @@ raises an :class:`ImportError` that says how to install it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
 import os
@@ -89,6 +90,15 @@ _NAMES = {"forward": ("BM", "BO", "BK"), "grad_input": ("BM", "BK", "BO"), "weig
 _KEYS = {"forward": ["N", "M", "O", "K"], "grad_input": ["N", "M", "O", "K"], "weight_grad": ["C", "O", "K"]}
 #: what a weight_grad launch adds to, restored between the autotuner's trial runs
 _RESTORE = {"weight_grad": ["gloc", "gscale"]}
+#: the sizes each kernel's tile sides divide when its constant ``EVEN`` is set (no masks in its loop)
+_EVEN = {"forward": (("M", "BM"), ("O", "BO"), ("K", "BK")), "grad_input": (("M", "BM"), ("O", "BO"), ("K", "BK")),
+         "weight_grad": (("O", "BO"), ("K", "BK"))}
+
+
+def even(kind: str, args: dict) -> bool:
+    """Whether ``kind``'s tile divides its tensors for a launch's arguments ``args`` (sizes and tile):
+    its ``EVEN`` constant."""
+    return all(args[size] % args[side] == 0 for size, side in _EVEN[kind])
 _INTERPRETER_TILE = (16, 16, 16)
 _NOISE_TILE = (32, 64)
 
@@ -215,7 +225,7 @@ def kernels(device: torch.device):
             module.noise_kernel = _Interpreted(module.noise_kernel, {})
             module.moments_kernel = _Interpreted(module.moments_kernel, {})
         for kind in ("forward", "grad_input", "weight_grad"):
-            kernel = getattr(module, f"{kind}_kernel")
+            kernel = triton.heuristics({"EVEN": functools.partial(even, kind)})(getattr(module, f"{kind}_kernel"))
             if interpret:
                 launcher = _Interpreted(kernel, dict(zip(_NAMES[kind], _INTERPRETER_TILE)))
             else:
