@@ -12,6 +12,8 @@
 #   bash benchmarks/compiled_round.sh regenerated_peers  # raw torch.compile (with and without
 #                                                  # torch.utils.checkpoint), the bare products, bf16, ViT
 #   bash benchmarks/compiled_round.sh tiles        # each tile of the noise kernels alone (kernel_tiles.py)
+#   bash benchmarks/compiled_round.sh counters     # the forward kernel's hardware counters beside bmm and the
+#                                                  # noise alone (Nsight Compute; kernel_counters.py)
 #   BASE=.whl/base bash benchmarks/compiled_round.sh ab  # this tree's regenerated step against another
 #       version's package, two runs each, taking turns on one machine, each run printing the package it
 #       loaded (runs differ by up to 1 ms: compare within one call). Make the other version with, e.g.,
@@ -86,6 +88,12 @@ timeout 200 $BENCH gpu-single --model vit --particles 8 32 --warmup 4 --steps 10
 ;;
 tiles)
 timeout 200 python3 benchmarks/kernel_tiles.py --particles 32 --out "$OUT/tiles.json" 2>&1 | tee "$OUT/tiles.log" | cut -c1-160
+;;
+counters)
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+timeout 200 "$NCU" --profile-from-start off --set full --csv --page details python3 benchmarks/kernel_counters.py \
+  > "$OUT/counters.csv" 2> "$OUT/counters.err"; tail -2 "$OUT/counters.err"
+python3 benchmarks/kernel_counters.py --summarize "$OUT/counters.csv" --out "$OUT/counters.json"
 ;;
 ab)
 [ -d "${BASE:-}/pyro_sp" ] || { echo "ab: expected BASE=<folder holding another version's pyro_sp>, got '${BASE:-}'"; exit 2; }

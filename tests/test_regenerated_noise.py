@@ -489,3 +489,27 @@ def test_kernel_sass_counts_the_main_loop(monkeypatch, tmp_path):
                       "        /*0040*/                   EXIT ;"])
     total, ops = ks.loop_counts(text)
     assert total == 3 and ops == {"IADD3": 1, "IMAD": 1, "BRA": 1}
+
+
+def test_kernel_counters_summarizes_nsight_compute_csv(tmp_path):
+    """benchmarks/kernel_counters.py --summarize groups Nsight Compute's CSV rows by kernel launch (after
+    the tool's own log lines): each metric under its section, each rule's advice."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernel_counters.py")
+    spec = importlib.util.spec_from_file_location("kernel_counters", path)
+    kc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kc)
+    header = ('"ID","Kernel Name","Block Size","Grid Size","Section Name","Metric Name","Metric Unit",'
+              '"Metric Value","Rule Name","Rule Description"\n')
+    rows = ['"0","forward_kernel","256","1024","Occupancy","Achieved Occupancy","%","24.03","",""\n',
+            '"0","forward_kernel","256","1024","Occupancy","","","","TheoreticalOccupancy","limited by registers"\n',
+            '"1","sm90_xmma_gemm","384","132","Occupancy","Achieved Occupancy","%","17.82","",""\n']
+    csv_path = tmp_path / "ncu.csv"
+    csv_path.write_text("==PROF== Connected to process 1\n" + header + "".join(rows))
+    kernels = kc.summarize(str(csv_path))["kernels"]
+    assert [k["kernel"] for k in kernels] == ["forward_kernel", "sm90_xmma_gemm"]
+    assert kernels[0]["metrics"]["Occupancy: Achieved Occupancy"] == "24.03 %"
+    assert kernels[0]["rules"] == {"TheoreticalOccupancy": "limited by registers"}
+    assert kernels[1]["grid"] == "132" and kernels[1]["rules"] == {}
