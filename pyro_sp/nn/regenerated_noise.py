@@ -349,8 +349,10 @@ def noise_linear_backward(gy: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, 
     return gx, gloc.to(loc.dtype), gscale.to(loc.dtype)
 
 
-#: the most memory the particles' weight-gradient products take at a time (a chunk of particles)
-CHUNK_BYTES = 256 * 2**20
+#: the most memory the particles' weight-gradient products take at a time (a chunk of particles): 1 GiB,
+#: against 256 MiB before, took the MLP's step at N = 64 from 8.6-8.9 to 8.3 ms and its peak from
+#: 1.2-1.6 to 1.9 GiB (one H100, BENCHMARKS.md round 8; the raw torch.compile step peaks at 4.2 GiB)
+CHUNK_BYTES = 2**30
 
 
 def _chunks(N: int, O: int, K: int, itemsize: int = 4):
