@@ -30,8 +30,9 @@ def _reference(x, loc, scale, seeds, shared):
 
 
 @pytest.mark.parametrize("shared", [False, True])
-# (N, M, O, K); the interpreter's tiles are 16 wide: M = 37 is three row chunks, the last one partial
-@pytest.mark.parametrize("shape", [(3, 9, 10, 21), (1, 1, 5, 3), (4, 12, 20, 36), (2, 37, 6, 9)])
+# (N, M, O, K); the interpreter's tiles are 16 wide: M = 37 is three row chunks, the last one partial;
+# (2, 32, 16, 48): every size a multiple of the tiles, the loops without masks (EVEN)
+@pytest.mark.parametrize("shape", [(3, 9, 10, 21), (1, 1, 5, 3), (4, 12, 20, 36), (2, 37, 6, 9), (2, 32, 16, 48)])
 def test_products_and_gradients_equal_eager_on_the_same_noise(shape, shared):
     N, M, O, K = shape
     g = torch.Generator().manual_seed(sum(shape))
@@ -47,6 +48,14 @@ def test_products_and_gradients_equal_eager_on_the_same_noise(shape, shared):
     assert_close(y, ref, msg="product")
     for name, a, b in zip(("input", "loc", "scale"), grads, ref_grads):
         assert_close(a, b, msg=f"gradient of the {name}")
+
+
+def test_loops_without_masks_only_where_the_tiles_divide():
+    tile = dict(zip(("BM", "BO", "BK"), rn._INTERPRETER_TILE))
+    assert rn.even("forward", {"M": 32, "O": 16, "K": 48, **tile})
+    assert not rn.even("forward", {"M": 37, "O": 16, "K": 48, **tile})
+    assert not rn.even("grad_input", {"M": 32, "O": 6, "K": 48, **tile})
+    assert not rn.even("weight_grad", {"O": 16, "K": 9, "BO": 16, "BK": 16})
 
 
 @pytest.mark.parametrize("shared", [False, True])

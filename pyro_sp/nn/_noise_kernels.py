@@ -118,7 +118,7 @@ def _noise(seed, offs_o, k0, Kq, BO: tl.constexpr, BK: tl.constexpr, ROUNDS: tl.
 @triton.jit
 def _load(pointers, mask, EVEN: tl.constexpr):
     """``tl.load(pointers)``, zero where ``mask`` is false, unless ``EVEN``: the tiles divide the tensors
-    and nothing is masked (the masks were a sixth of the forward loop's instructions, counted in SASS)."""
+    and nothing is masked (the masks were 10-15 % of the forward loop's instructions, counted in SASS)."""
     if EVEN:
         return tl.load(pointers)
     else:

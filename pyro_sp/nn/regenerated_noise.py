@@ -93,14 +93,14 @@ _RESTORE = {"weight_grad": ["gloc", "gscale"]}
 #: the sizes each kernel's tile sides divide when its constant ``EVEN`` is set (no masks in its loop)
 _EVEN = {"forward": (("M", "BM"), ("O", "BO"), ("K", "BK")), "grad_input": (("M", "BM"), ("O", "BO"), ("K", "BK")),
          "weight_grad": (("O", "BO"), ("K", "BK"))}
+_INTERPRETER_TILE = (16, 16, 16)
+_NOISE_TILE = (32, 64)
 
 
 def even(kind: str, args: dict) -> bool:
     """Whether ``kind``'s tile divides its tensors for a launch's arguments ``args`` (sizes and tile):
     its ``EVEN`` constant."""
     return all(args[size] % args[side] == 0 for size, side in _EVEN[kind])
-_INTERPRETER_TILE = (16, 16, 16)
-_NOISE_TILE = (32, 64)
 
 
 @contextlib.contextmanager
@@ -349,9 +349,9 @@ def noise_linear_backward(gy: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, 
     return gx, gloc.to(loc.dtype), gscale.to(loc.dtype)
 
 
-#: the most memory the particles' weight-gradient products take at a time (a chunk of particles): 1 GiB,
-#: against 256 MiB before, took the MLP's step at N = 64 from 8.6-8.9 to 8.3 ms and its peak from
-#: 1.2-1.6 to 1.9 GiB (one H100, BENCHMARKS.md round 8; the raw torch.compile step peaks at 4.2 GiB)
+#: the most memory the particles' weight-gradient products take at a time (a chunk of particles). 1 GiB
+#: instead of 256 MiB took the MLP's step at N = 64 from 8.6-8.9 ms (four runs) to 8.3 ms (one run) and
+#: its peak from 1.2-1.6 to 1.9 GiB (one H100, BENCHMARKS.md round 8; raw torch.compile: 4.2 GiB)
 CHUNK_BYTES = 2**30
 
 
