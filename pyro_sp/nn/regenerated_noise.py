@@ -350,8 +350,9 @@ def noise_linear_backward(gy: torch.Tensor, x: torch.Tensor, loc: torch.Tensor, 
 
 
 #: the most memory the particles' weight-gradient products take at a time (a chunk of particles). 1 GiB
-#: instead of 256 MiB took the MLP's step at N = 64 from 8.6-8.9 ms (four runs) to 8.3 ms (one run) and
-#: its peak from 1.2-1.6 to 1.9 GiB (one H100, BENCHMARKS.md round 8; raw torch.compile: 4.2 GiB)
+#: instead of 256 MiB took the MLP's step at N = 64 (CUDA graphs) from 8.68 and 8.92 ms (two runs) to
+#: 8.26 ms (one run), and its peak without graphs from 1.2-1.6 to 1.9 GiB (one H100, BENCHMARKS.md
+#: round 8; raw torch.compile: 4.2 GiB)
 CHUNK_BYTES = 2**30
 
 
