@@ -69,7 +69,8 @@ def summarize(path: str) -> dict:
     for r in rows:
         k = kernels.setdefault(r["ID"], {"kernel": r["Kernel Name"][:90], "grid": r["Grid Size"],
                                          "block": r["Block Size"], "metrics": {}, "rules": {}})
-        k["metrics"][f'{r["Section Name"]}: {r["Metric Name"]}'] = f'{r["Metric Value"]} {r["Metric Unit"]}'.strip()
+        if r["Metric Name"]:  # a rule's row has none
+            k["metrics"][f'{r["Section Name"]}: {r["Metric Name"]}'] = f'{r["Metric Value"]} {r["Metric Unit"]}'.strip()
         if r["Rule Description"]:
             k["rules"][r["Rule Name"]] = r["Rule Description"]
     return {"kernels": list(kernels.values())}
