@@ -47,15 +47,12 @@ def launches(n: int, tile: tuple, precision: str) -> list[tuple[str, object]]:
         y = torch.empty(n, BATCH, o, device=device)
         w = torch.randn(n, o, k, device=device)
         xb = x.expand(n, BATCH, k) if shared else x
-        eps = torch.empty(n, o, k, device=device)
-        bo, bk = rn._NOISE_TILE
         layer = f"{k}->{o}" + (" (shared input)" if shared else "")
         out += [(f"forward_kernel {layer}, tile {tile}", forward_launch(mod, tile, x, loc, scale, seeds, y, shared,
                                                                         precision)),
                 (f"torch.bmm {layer} (weights stored)", lambda xb=xb, w=w: torch.bmm(xb, w.transpose(1, 2))),
                 (f"noise_kernel {layer} (the noise alone, written)",
-                 lambda s=seeds, e=eps, o=o, k=k, bo=bo, bk=bk: mod.noise_kernel[(rn._cdiv(o, bo) * rn._cdiv(k, bk), n)](
-                     s, e, o, k, rn._cdiv(k, 4), BO=bo, BK=bk, ROUNDS=rn.ROUNDS))]
+                 lambda s=seeds, shape=(o, k): rn.weight_noise(s, shape))]
     return out
 
 

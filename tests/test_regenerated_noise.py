@@ -441,16 +441,22 @@ def test_missing_triton_is_an_import_error_at_construction(monkeypatch):
     MeanFieldVI(_bnn("all"), num_particles=2)  # the stored noise needs no Triton
 
 
-def test_kernel_tiles_benchmark_launches_the_kernels_as_the_operators_do():
-    """benchmarks/kernel_tiles.py times the kernels launched by hand, one tile at a time: its launches
-    (run here in Triton's interpreter) give the operators' outputs."""
+def _benchmark(name: str):
+    """``benchmarks/NAME.py`` loaded as a module (its ``main`` not run)."""
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernel_tiles.py")
-    spec = importlib.util.spec_from_file_location("kernel_tiles", path)
-    kt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kt)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_tiles_benchmark_launches_the_kernels_as_the_operators_do():
+    """benchmarks/kernel_tiles.py times the kernels launched by hand, one tile at a time: its launches
+    (run here in Triton's interpreter) give the operators' outputs."""
+    kt = _benchmark("kernel_tiles")
     mod = rn.kernels(torch.device("cpu"))
     g = torch.Generator().manual_seed(3)
     N, M, O, K = 2, 20, 40, 72  # several tiles each way, the last ones partial
@@ -475,16 +481,11 @@ def test_kernel_sass_counts_the_main_loop(monkeypatch, tmp_path):
     """benchmarks/kernel_sass.py compiles a kernel for sm_90 (no GPU) and counts its main loop's
     instructions: the loop of the moments kernel draws 16 normals per thread per iteration (a 32 x 64
     tile, 4 warps), with Philox's multiplications among them."""
-    import importlib.util
     import json
-    import os
 
     pytest.importorskip("triton.compiler", reason="needs Triton's compiler")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernel_sass.py")
-    spec = importlib.util.spec_from_file_location("kernel_sass", path)
-    ks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ks)
+    ks = _benchmark("kernel_sass")
     out = tmp_path / "sass.json"
     assert ks.main(["moments_kernel", "--tile", "32", "64", "--warps", "4", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
@@ -503,13 +504,7 @@ def test_kernel_sass_counts_the_main_loop(monkeypatch, tmp_path):
 def test_kernel_counters_summarizes_nsight_compute_csv(tmp_path):
     """benchmarks/kernel_counters.py --summarize groups Nsight Compute's CSV rows by kernel launch (after
     the tool's own log lines): each metric under its section, each rule's advice."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "kernel_counters.py")
-    spec = importlib.util.spec_from_file_location("kernel_counters", path)
-    kc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(kc)
+    kc = _benchmark("kernel_counters")
     header = ('"ID","Kernel Name","Block Size","Grid Size","Section Name","Metric Name","Metric Unit",'
               '"Metric Value","Rule Name","Rule Description"\n')
     rows = ['"0","forward_kernel","256","1024","Occupancy","Achieved Occupancy","%","24.03","",""\n',
