@@ -51,11 +51,11 @@ timeout 90 $BENCH compiled --device cuda --programs small gmm vae \
   --out "$OUT/compiled_fp32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/compiled.log"
 ;;
 regenerated)
-timeout 170 $BENCH gpu-single --model mlp --particles 32 64 8 --warmup 6 --steps 20 --tf32 --fused-adam \
-  --variants fused_analytic fused_analytic_graphs fused_regenerated fused_regenerated_graphs \
+timeout 200 $BENCH gpu-single --model mlp --particles 32 64 8 --warmup 6 --steps 20 --tf32 --fused-adam \
+  --back-to-back 5 --variants fused_analytic fused_analytic_graphs fused_regenerated fused_regenerated_graphs \
   --out "$OUT/regenerated_mlp_tf32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/regenerated_mlp.log"
-timeout 70 python3 benchmarks/gpu_peers.py torch --tf32 --gemm --fused-adam --particles 32 64 --warmup 6 \
-  --steps 20 --out "$OUT/raw_torch_tf32.json" 2>&1 | tail -2
+timeout 100 python3 benchmarks/gpu_peers.py torch --tf32 --gemm --fused-adam --particles 32 64 --warmup 6 \
+  --steps 20 --back-to-back 5 --out "$OUT/raw_torch_tf32.json" 2>&1 | tail -2
 timeout 130 $BENCH gpu-single --model vit --particles 8 32 --warmup 4 --steps 10 --tf32 --fused-adam \
   --variants fused_analytic fused_regenerated \
   --out "$OUT/regenerated_vit_tf32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/regenerated_vit.log"

@@ -96,7 +96,8 @@ def torch_suite(args) -> dict:
     for n in args.particles:
         row = {"particles": n}
         for name, fn in (("raw_torch_eager", loss_fn), ("raw_torch_compile", compiled)):
-            row[name] = timed(functools.partial(step, fn, n), warmup=args.warmup, steps=args.steps, device=device)
+            row[name] = timed(functools.partial(step, fn, n), warmup=args.warmup, steps=args.steps, device=device,
+                              back_to_back=args.back_to_back)
         if args.checkpoint:
             row["checkpoint_gradient_difference"] = {"eager": recompute_difference(loss_fn, n),
                                                      "compile": recompute_difference(compiled, n)}
@@ -229,6 +230,9 @@ def main():
                    help="torch: also the step with each layer under torch.utils.checkpoint (weights drawn "
                         "again in backward from the saved random state, none kept)")
     p.add_argument("--gemm", action="store_true", help="torch: also time the step's bare matrix products")
+    p.add_argument("--back-to-back", type=int, default=0, metavar="ROUNDS",
+                   help="torch: also time ROUNDS rounds of --steps steps synchronised once per round "
+                        "(step_ms_back_to_back), as pyro-sp bench gpu-single --back-to-back")
     args = p.parse_args()
     result = torch_suite(args) if args.suite == "torch" else numpyro_suite(args)
     if args.out:

@@ -12,11 +12,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from pyro_sp.bench.timing import COLLECTIVE_KINDS, step_times, timed
+from pyro_sp.bench import format_result
+from pyro_sp.bench.timing import COLLECTIVE_KINDS, back_to_back_times, step_times, timed
 from pyro_sp.distributed.launch import start_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +47,21 @@ def test_timing_loop():
     assert set(timed(lambda: None, steps=2)) == {"step_ms_median"}  # no peak memory off CUDA
     with pytest.raises(ValueError, match="Expected a CUDA device with events=True"):
         step_times(lambda: None, steps=1, events=True)
+
+
+def test_back_to_back_rounds_wait_once_per_round():
+    """Back to back: the steps of a round run without a wait between them; the round's last result is
+    waited for once; one time per round, per step."""
+    calls = []
+    times = back_to_back_times(lambda: calls.append(1) or len(calls), steps=3, rounds=2,
+                               wait=lambda r: calls.append(-r))
+    assert calls == [1, 1, 1, -3, 1, 1, 1, -7] and len(times) == 2 and all(t >= 0 for t in times)
+    slow = back_to_back_times(lambda: time.sleep(0.002), steps=4, rounds=1)
+    assert slow[0] >= 0.002  # seconds per step, not per round
+    cell = timed(lambda: None, steps=2, back_to_back=3)
+    assert set(cell) == {"step_ms_median", "step_ms_back_to_back"}
+    assert "back to back" in format_result({"suite": "gpu-single", "model": "mlp",
+                                            "rows": [{"particles": 8, "fused": {**cell, "peak_gib": 0.5}}]})
 
 
 def test_write_result_marks_partial_rows_and_the_whole_result_replaces_them(tmp_path):

@@ -45,6 +45,8 @@ SUITES = {
 def _fmt(cell) -> str:
     if isinstance(cell, dict):
         text = f"{cell['step_ms_median']:.2f} ms"
+        if "step_ms_back_to_back" in cell:
+            text += f" ({cell['step_ms_back_to_back']:.2f} back to back)"
         return text + (f" / {cell['peak_gib']:.2f} GiB" if "peak_gib" in cell else "")
     if isinstance(cell, float):
         return f"{cell:.4g}"

@@ -176,13 +176,14 @@ def _native_step(elbo, x, y, fused_adam: bool = False):
 
 
 def _attempt(variant, net, x, y, n, device, warmup, steps, mesh=None, record: bool = False,
-             fused_adam: bool = False) -> dict | str:
+             fused_adam: bool = False, back_to_back: int = 0) -> dict | str:
     """``{"step_ms_median", "peak_gib" (CUDA)}`` of ``variant`` (:func:`~pyro_sp.bench.timing.timed`),
-    with ``"collectives_per_step"`` if ``record``; ``"out of memory"`` if it does not fit;
-    ``"failed: <error>"`` if it raised in a single process."""
+    with ``"step_ms_back_to_back"`` for ``back_to_back`` rounds and ``"collectives_per_step"`` if
+    ``record``; ``"out of memory"`` if it does not fit; ``"failed: <error>"`` if it raised in a single
+    process."""
     try:
         step = make_step(variant, net, x, y, n, mesh, fused_adam)
-        result = timed(step, warmup=warmup, steps=steps, device=device)
+        result = timed(step, warmup=warmup, steps=steps, device=device, back_to_back=back_to_back)
         if record:
             with record_collectives() as rec:
                 for _ in range(RECORDED_STEPS):
@@ -226,7 +227,7 @@ def single(args) -> dict:
         row = {"particles": n}
         for variant in args.variants:
             row[variant] = _attempt(variant, net, x, y, n, device, args.warmup, args.steps,
-                                    fused_adam=args.fused_adam)
+                                    fused_adam=args.fused_adam, back_to_back=args.back_to_back)
         rows.append(row)
         print(json.dumps(row), flush=True)
         write_result(args.out, {"suite": "gpu-single", "model": args.model, "rows": rows, **_about(args)},
@@ -318,6 +319,9 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions (default: full fp32)")
     p.add_argument("--fused-adam", action="store_true",
                    help="single: torch.optim.Adam(fused=True) for the variants that use it (default: its default)")
+    p.add_argument("--back-to-back", type=int, default=0, metavar="ROUNDS",
+                   help="single: also time ROUNDS rounds of --steps steps synchronised once per round, as a "
+                        "training loop that does not wait for each step runs (step_ms_back_to_back)")
     p.add_argument("--tiny", action="store_true", help="tiny networks and few steps (a smoke run)")
     p.add_argument("--out", default=None, help="JSON file (rank 0)")
     return p

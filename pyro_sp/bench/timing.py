@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["COLLECTIVE_KINDS", "collectives_per_step", "step_times", "synchronize", "timed"]
+__all__ = ["COLLECTIVE_KINDS", "back_to_back_times", "collectives_per_step", "step_times", "synchronize", "timed"]
 
 #: Every kind of collective that :func:`pyro_sp.distributed.record.recorded` names: the
 #: step check, both gradient strategies, parameter broadcasts, row gathers, small sums
@@ -108,14 +108,51 @@ def step_times(
     return times, peak
 
 
+def back_to_back_times(
+    step: Callable[[], object],
+    *,
+    steps: int,
+    rounds: int,
+    device: torch.device | None = None,
+    wait: Callable[[object], object] | None = None,
+) -> list[float]:
+    """
+    Seconds per step of ``rounds`` rounds of ``steps`` calls each, synchronised once per round,
+    not around each call: as a training loop that does not wait for each step's result runs,
+    the host launching a step's work while the device still runs the previous step's. A step
+    whose host work (Python, launches) takes less than its device work then costs its device
+    time; the per-step synchronised time of :func:`step_times` adds the host's work up to the
+    step's first kernel. Run after :func:`step_times` (its warm-up).
+
+    :param wait: called with the last result of each round until its work is done.
+    :returns: one time per round: the round's seconds over ``steps``.
+    """
+    times = []
+    for _ in range(rounds):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            result = step()
+        if wait is not None:
+            wait(result)
+        synchronize(device)
+        times.append((time.perf_counter() - t0) / steps)
+    return times
+
+
 def timed(step: Callable[[], object], *, steps: int, warmup: int = 0, device: torch.device | None = None,
-          **kwargs) -> dict:
+          back_to_back: int = 0, **kwargs) -> dict:
     """:func:`step_times` summarised: ``{"step_ms_median": ..., "peak_gib": ...}`` (the
-    median in milliseconds; ``peak_gib`` only on CUDA). ``kwargs`` go to :func:`step_times`."""
+    median in milliseconds; ``peak_gib`` only on CUDA). With ``back_to_back`` rounds, also
+    ``"step_ms_back_to_back"``: the median over the rounds of :func:`back_to_back_times` (``steps``
+    calls per round). ``kwargs`` go to :func:`step_times`."""
     times, peak = step_times(step, steps=steps, warmup=warmup, device=device, **kwargs)
     out = {"step_ms_median": 1e3 * statistics.median(times)}
     if peak is not None:
         out["peak_gib"] = peak
+    if back_to_back:
+        rounds = back_to_back_times(step, steps=steps, rounds=back_to_back, device=device, wait=kwargs.get("wait"))
+        out["step_ms_back_to_back"] = 1e3 * statistics.median(rounds)
     return out
 
 
