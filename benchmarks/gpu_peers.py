@@ -234,6 +234,9 @@ def main():
                    help="torch: also time ROUNDS rounds of --steps steps synchronised once per round "
                         "(step_ms_back_to_back), as pyro-sp bench gpu-single --back-to-back")
     args = p.parse_args()
+    if args.back_to_back < 0 or (args.back_to_back and args.suite != "torch"):
+        p.error(f"expected --back-to-back ROUNDS >= 1 with the suite 'torch' only, got {args.back_to_back} "
+                f"with {args.suite!r}")
     result = torch_suite(args) if args.suite == "torch" else numpyro_suite(args)
     if args.out:
         write_result(args.out, result)

@@ -62,6 +62,20 @@ def test_back_to_back_rounds_wait_once_per_round():
     assert set(cell) == {"step_ms_median", "step_ms_back_to_back"}
     assert "back to back" in format_result({"suite": "gpu-single", "model": "mlp",
                                             "rows": [{"particles": 8, "fused": {**cell, "peak_gib": 0.5}}]})
+    with pytest.raises(ValueError, match="at least one round"):
+        back_to_back_times(lambda: None, steps=0, rounds=2)
+    with pytest.raises(ValueError, match="back_to_back >= 0"):
+        timed(lambda: None, steps=1, back_to_back=-1)
+
+
+@pytest.mark.parametrize("argv", [["single", "--back-to-back", "-1"], ["scaling", "--back-to-back", "2"],
+                                  ["memory", "--back-to-back", "2"]])
+def test_back_to_back_only_for_the_single_suite(argv, capsys):
+    from pyro_sp.bench import gpu
+
+    with pytest.raises(SystemExit):
+        gpu.run(argv + ["--tiny", "--device", "cpu"])
+    assert "--back-to-back ROUNDS >= 1 with the suite 'single' only" in capsys.readouterr().err
 
 
 def test_write_result_marks_partial_rows_and_the_whole_result_replaces_them(tmp_path):

@@ -321,14 +321,19 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="single: torch.optim.Adam(fused=True) for the variants that use it (default: its default)")
     p.add_argument("--back-to-back", type=int, default=0, metavar="ROUNDS",
                    help="single: also time ROUNDS rounds of --steps steps synchronised once per round, as a "
-                        "training loop that does not wait for each step runs (step_ms_back_to_back)")
+                        "training loop that does not wait for each step runs (step_ms_back_to_back; the SVI "
+                        "variants' steps return a float and wait for themselves anyway)")
     p.add_argument("--tiny", action="store_true", help="tiny networks and few steps (a smoke run)")
     p.add_argument("--out", default=None, help="JSON file (rank 0)")
     return p
 
 
 def run(argv=None, prog: str | None = None) -> dict:
-    args = parser(prog).parse_args(argv)
+    p = parser(prog)
+    args = p.parse_args(argv)
+    if args.back_to_back < 0 or (args.back_to_back and args.suite != "single"):
+        p.error(f"expected --back-to-back ROUNDS >= 1 with the suite 'single' only, got {args.back_to_back} "
+                f"with {args.suite!r}")
     if args.variants is None:
         args.variants = ["fused", "pyro_sp"] if args.suite != "single" else list(DEFAULT_VARIANTS)
     if args.particles is None:

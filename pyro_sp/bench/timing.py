@@ -127,6 +127,8 @@ def back_to_back_times(
     :param wait: called with the last result of each round until its work is done.
     :returns: one time per round: the round's seconds over ``steps``.
     """
+    if rounds < 1 or steps < 1:
+        raise ValueError(f"Expected at least one round of at least one step, got rounds={rounds}, steps={steps}.")
     times = []
     for _ in range(rounds):
         synchronize(device)
@@ -150,6 +152,8 @@ def timed(step: Callable[[], object], *, steps: int, warmup: int = 0, device: to
     out = {"step_ms_median": 1e3 * statistics.median(times)}
     if peak is not None:
         out["peak_gib"] = peak
+    if back_to_back < 0:
+        raise ValueError(f"Expected back_to_back >= 0 rounds (0: none), got {back_to_back}.")
     if back_to_back:
         rounds = back_to_back_times(step, steps=steps, rounds=back_to_back, device=device, wait=kwargs.get("wait"))
         out["step_ms_back_to_back"] = 1e3 * statistics.median(rounds)

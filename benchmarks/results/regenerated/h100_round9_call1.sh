@@ -1,5 +1,5 @@
 # Record of round 9's first call (.whl/cur: HEAD 3df5ced's package; the tree: the fused weight-gradient kernel with K-major copies). Kept as run.
-# round 11: fused weight gradients (tree) vs HEAD 3df5ced (.whl/cur), per layer and step, taking turns
+# (call 1) fused weight gradients, K-major (tree) vs HEAD 3df5ced (.whl/cur), per layer and step, taking turns
 set -u
 TREE=$PYTHONPATH
 CUR=${TREE%"$PWD"}$PWD/.whl/cur

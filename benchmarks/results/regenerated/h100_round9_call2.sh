@@ -1,5 +1,5 @@
 # Record of round 9's second call (tree: operands read in place; .whl/early: the same, noise drawn at a particle's first chunk; .whl/kmaj: call 1's tree; .whl/cur: HEAD 3df5ced). Kept as run.
-# round 12: fused weight gradients, operands read in place (tree) vs K-major copies (.whl/kmaj) vs HEAD (.whl/cur)
+# (call 2) fused weight gradients, operands read in place (tree) vs K-major copies (.whl/kmaj) vs HEAD (.whl/cur)
 set -u
 TREE=$PYTHONPATH
 PRE=${TREE%"$PWD"}
