@@ -120,9 +120,10 @@ def back_to_back_times(
     Seconds per step of ``rounds`` rounds of ``steps`` calls each, synchronised once per round,
     not around each call: as a training loop that does not wait for each step's result runs,
     the host launching a step's work while the device still runs the previous step's. A step
-    whose host work (Python, launches) takes less than its device work then costs its device
-    time; the per-step synchronised time of :func:`step_times` adds the host's work up to the
-    step's first kernel. Run after :func:`step_times` (its warm-up).
+    whose host work (Python, launches) takes less than its device work then costs about its
+    device time; the per-step synchronised time of :func:`step_times` also counts the host's work
+    while the device waits for it (at least the work before the step's first kernel). Run after
+    :func:`step_times` (its warm-up).
 
     :param wait: called with the last result of each round until its work is done.
     :returns: one time per round: the round's seconds over ``steps``.
@@ -148,12 +149,12 @@ def timed(step: Callable[[], object], *, steps: int, warmup: int = 0, device: to
     median in milliseconds; ``peak_gib`` only on CUDA). With ``back_to_back`` rounds, also
     ``"step_ms_back_to_back"``: the median over the rounds of :func:`back_to_back_times` (``steps``
     calls per round). ``kwargs`` go to :func:`step_times`."""
+    if back_to_back < 0:
+        raise ValueError(f"Expected back_to_back >= 0 rounds (0: none), got {back_to_back}.")
     times, peak = step_times(step, steps=steps, warmup=warmup, device=device, **kwargs)
     out = {"step_ms_median": 1e3 * statistics.median(times)}
     if peak is not None:
         out["peak_gib"] = peak
-    if back_to_back < 0:
-        raise ValueError(f"Expected back_to_back >= 0 rounds (0: none), got {back_to_back}.")
     if back_to_back:
         rounds = back_to_back_times(step, steps=steps, rounds=back_to_back, device=device, wait=kwargs.get("wait"))
         out["step_ms_back_to_back"] = 1e3 * statistics.median(rounds)
