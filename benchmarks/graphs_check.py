@@ -29,9 +29,11 @@ from pyro_sp.nn import BayesianModule, MeanFieldVI
 def run(bnn, weight_noise: str, graphs: bool, x, y, n: int, steps: int):
     vi = MeanFieldVI(copy.deepcopy(bnn), num_particles=n, seed=0, init_scale=0.01, kl="analytic",
                      weight_noise=weight_noise, compile=True, cuda_graphs=graphs).to(x.device)
-    optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=1e-3)
+    # capturable on both sides: with graphs the update is replayed in the step's graph
+    optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=1e-3, capturable=True)
     losses = [float(vi.step(optim, x, y)) for _ in range(steps)]
-    return losses, [p.detach().clone() for p in vi.parameters()]
+    replays = vi._graphs.replays if graphs else 0
+    return losses, [p.detach().clone() for p in vi.parameters()], replays
 
 
 def main():
@@ -48,12 +50,12 @@ def main():
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "particles": args.particles,
               "steps": args.steps}
     for weight_noise in ("stored", "regenerated"):
-        plain, plain_params = run(bnn, weight_noise, False, x, y, args.particles, args.steps)
+        plain, plain_params, _ = run(bnn, weight_noise, False, x, y, args.particles, args.steps)
         torch._dynamo.reset()
-        graphs, graph_params = run(bnn, weight_noise, True, x, y, args.particles, args.steps)
+        graphs, graph_params, replays = run(bnn, weight_noise, True, x, y, args.particles, args.steps)
         torch._dynamo.reset()
         row = {
-            "losses": plain, "losses_graphs": graphs,
+            "losses": plain, "losses_graphs": graphs, "steps_replayed": replays,
             "max_rel_loss_difference": max(abs(a - b) / abs(a) for a, b in zip(plain, graphs)),
             "max_rel_parameter_difference": max(float((a - b).norm() / a.norm().clamp_min(1e-30))
                                                 for a, b in zip(plain_params, graph_params)),

@@ -8,6 +8,8 @@ stop every rank."""
 
 from __future__ import annotations
 
+import copy
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -529,6 +531,55 @@ def test_cuda_graphs_errors():
         with pytest.raises(ValueError, match=r"Expected the parameters on a CUDA device with cuda_graphs=True, "
                                              r"got cpu\. Move the MeanFieldVI with \.to\('cuda'\)"):
             vi.step(optim, x, y)
+
+
+def cuda_graphs_on_a_mesh_case():
+    MeanFieldVI(_bnn("all", "categorical"), num_particles=4, mesh=pyro_sp.default_mesh(), compile=True,
+                cuda_graphs=True)
+
+
+def test_cuda_graphs_refused_on_a_mesh(pools):
+    """The graphs capture the whole step: on a mesh every rank refuses cuda_graphs=True at
+    construction (after the layout check, so none waits for another)."""
+    errors = pools(2).run_expecting_errors(cuda_graphs_on_a_mesh_case)
+    for kind, message, _ in errors.values():
+        assert kind == "ValueError"
+        assert "Expected a one-process mesh with cuda_graphs=True, got 2 processes" in message
+        assert "Pass cuda_graphs=False on a mesh" in message
+
+
+def test_step_graph_keys():
+    """A step graph's key changes with what a replay would read at a stale address or value: a
+    float learning rate set anew, an optimizer state loaded, a parameter moved; not with a tensor
+    learning rate updated in place."""
+    from pyro_sp.nn.step_graph import capturable, optimizer_key, tensors_key
+
+    w = nn.Parameter(torch.randn(3, 2))
+    assert capturable(torch.optim.Adam([w], lr=1e-3, capturable=True))
+    assert not capturable(torch.optim.Adam([w], lr=1e-3)) and not capturable(object())
+    adam = torch.optim.Adam([w], lr=1e-3)  # (a capturable one steps on CUDA only)
+    w.grad = torch.ones_like(w)
+    adam.step()
+    before = optimizer_key(adam)
+    assert optimizer_key(adam) == before
+    adam.param_groups[0]["lr"] = 2e-3
+    assert optimizer_key(adam) != before
+    adam.param_groups[0]["lr"] = 1e-3
+    assert optimizer_key(adam) == before
+    old = list(adam.state[w].values())  # kept alive: the new tensors cannot take their addresses
+    adam.load_state_dict(copy.deepcopy(adam.state_dict()))  # the same values in new tensors
+    assert optimizer_key(adam) != before
+    lr = torch.tensor(1e-3)
+    tensor_lr = torch.optim.Adam([w], lr=lr, capturable=True)
+    keyed = optimizer_key(tensor_lr)
+    lr.fill_(5e-4)
+    assert optimizer_key(tensor_lr) == keyed
+    tensor_lr.param_groups[0]["lr"] = torch.tensor(5e-4)
+    assert optimizer_key(tensor_lr) != keyed
+    assert optimizer_key(None) == ()
+    assert tensors_key([w]) == tensors_key([w]) and tensors_key([w]) != tensors_key([w.detach().clone()])
+    assert tensors_key([w], addresses=False) == tensors_key([w.detach().clone()], addresses=False)
+    assert tensors_key([None]) == (None,)
 
 
 def test_param_store_round_trip():

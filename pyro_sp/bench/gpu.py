@@ -22,9 +22,10 @@ Variants, all the same estimator (``Trace_ELBO``: one-sample KL, vectorized part
                     ``weight_noise="regenerated"``: the same estimator, the Linear layers' weight noise
                     drawn inside Triton kernels (:mod:`pyro_sp.nn.regenerated_noise`); not run unless
                     named in ``--variants``;
-``fused_analytic_graphs``, ``fused_regenerated_graphs``
-                    ``fused_analytic`` and ``fused_regenerated`` with ``cuda_graphs=True`` (the compiled
-                    step replayed as CUDA graphs; CUDA only); not run unless named in ``--variants``;
+``fused_analytic_graphs``, ``fused_regenerated_graphs``, ``fused_regenerated_bf16_graphs``
+                    ``fused_analytic``, ``fused_regenerated`` and ``fused_regenerated_bf16`` with
+                    ``cuda_graphs=True`` (each step, Adam's update included, replayed as one CUDA graph;
+                    CUDA only); not run unless named in ``--variants``;
 ``fused_local_reparam``, ``fused_flipout``
                     ``fused_analytic`` with ``estimator="local_reparam"`` / ``"flipout"``: lower-variance
                     estimators of the same gradient (:mod:`pyro_sp.nn.layer_estimators`), not
@@ -80,7 +81,7 @@ LAYER_VARIANTS = ("fused_local_reparam", "fused_flipout")
 #: MeanFieldVI with the Linear layers' weight noise drawn inside Triton kernels (closed-form KL).
 REGENERATED_VARIANTS = ("fused_regenerated", "fused_regenerated_bf16", "fused_regenerated_eager")
 #: ``fused_analytic`` and ``fused_regenerated`` replayed as CUDA graphs.
-GRAPH_VARIANTS = ("fused_analytic_graphs", "fused_regenerated_graphs")
+GRAPH_VARIANTS = ("fused_analytic_graphs", "fused_regenerated_graphs", "fused_regenerated_bf16_graphs")
 VARIANTS = DEFAULT_VARIANTS + ("pyro_primitives", "pyro_sp_primitives") + COMPILED_VARIANTS + LAYER_VARIANTS + (
     "fused_bf16",) + REGENERATED_VARIANTS + GRAPH_VARIANTS
 #: Steps recorded after the timed ones (``scaling``) for the collectives per step.
@@ -151,7 +152,9 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None, fused_adam
         weight_noise="regenerated" if base in REGENERATED_VARIANTS else "stored",
         compile=not base.endswith("eager"), split_compiled_graph=base == "fused_split", cuda_graphs=graphs,
     ).to(x.device)
-    optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=1e-3, **_adam(fused_adam))
+    # with graphs, the update is replayed in the step's graph (capturable: its step count on the device)
+    optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=1e-3, **_adam(fused_adam),
+                             **({"capturable": True} if graphs else {}))
     return lambda: vi.step(optim, x, y)
 
 

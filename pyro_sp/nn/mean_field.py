@@ -26,6 +26,7 @@ from .layer_estimators import ESTIMATORS, LayerEstimator, reparameterized_layers
 from .likelihoods import LogLikelihood, log_likelihood
 from .regenerated_noise import (RegeneratedNoiseLinear, draw_seeds, fp32_matmul_precision, require_triton,
                                sampled_log_densities)
+from .step_graph import StepGraphs, capturable, optimizer_key, tensors_key
 
 __all__ = ["MeanFieldVI"]
 
@@ -282,13 +283,21 @@ class MeanFieldVI(torch.nn.Module):
     :param bool compile: :func:`torch.compile` the step (one whole graph: its
         gradient buckets are reduced right after the compiled backward, unless
         ``split_compiled_graph=True``).
-    :param bool cuda_graphs: with ``compile=True`` and CUDA parameters, replay the
-        compiled step as CUDA graphs (``torch.compile(mode="reduce-overhead")``): one
-        launch for the forward and one for the backward instead of one per kernel. The
-        same noise and arithmetic as without (the graphs read the step's random stream
-        when they are replayed). The inputs are copied into the graphs' buffers each step.
-        Checked on one GPU: bitwise the same losses and parameters as without
-        (``benchmarks/graphs_check.py``); not yet run on a multi-GPU mesh.
+    :param bool cuda_graphs: with ``compile=True``, CUDA parameters and a one-process
+        mesh, replay each training step as one CUDA graph
+        (:mod:`~pyro_sp.nn.step_graph`): :meth:`step` records the zeroing of the
+        gradients, the compiled loss and backward, and the optimizer's update when it is
+        capturable (``torch.optim.Adam(..., capturable=True)``; otherwise the update runs
+        after the graph, with a warning), and replays them with one launch.
+        :meth:`loss_and_backward` records the loss and backward. The same kernels, noise and
+        arithmetic as without graphs: a step's key (input shapes, the addresses of the
+        parameters, gradients and optimizer state, the optimizer's hyperparameters) runs
+        once without a graph and is captured on its next step; the graph reads the step's
+        random stream when it is replayed. Checked on a GPU against the same compiled step
+        without graphs (``tests/test_cuda_graphs.py``, ``benchmarks/graphs_check.py``).
+        A float learning rate changed by a scheduler makes a new graph; a tensor
+        learning rate (``lr=torch.tensor(1e-3)``) updated in place does not. Optimizer
+        hooks run when a graph is captured, not when it is replayed.
     :param str check: ``"first"``: the first step verifies on every rank
         that the ranks agree and none failed (one small collective), later
         steps run without host synchronisation; ``"always"``: every step
@@ -416,7 +425,7 @@ class MeanFieldVI(torch.nn.Module):
                 "num_particles": num_particles, "num_data": num_data, "kl": kl, "estimator": estimator,
                 "precision": precision, "weight_noise": weight_noise, "likelihood": likelihood_name,
                 "noise_scale": noise_scale, "mesh": (self.mesh.sample, self.mesh.data),
-                "gradient_sync": gradient_sync,
+                "gradient_sync": gradient_sync, "cuda_graphs": bool(cuda_graphs),
                 "parameters": list(zip(bnn.bayesian_names + bnn.deterministic_names, shapes)),
             }
             guarded(lambda: None, group=group, what="MeanFieldVI", device=self.mesh.device, layout=lambda _: layout)
@@ -438,7 +447,16 @@ class MeanFieldVI(torch.nn.Module):
                 f"Expected compile=True with cuda_graphs=True, got compile={compile!r}: the CUDA graphs "
                 "replay the compiled step. Pass MeanFieldVI(..., compile=True, cuda_graphs=True)."
             )
+        if cuda_graphs and group is not None:  # the same on every rank (checked in the layout above)
+            raise ValueError(
+                f"Expected a one-process mesh with cuda_graphs=True, got {self.mesh.world_size} processes: "
+                "the graphs capture the whole step, and the gradient reduction with its failure checks "
+                "is not replayed from a graph. Pass cuda_graphs=False on a mesh (compile=True still "
+                "applies)."
+            )
         self.cuda_graphs = bool(cuda_graphs)
+        self._graphs = StepGraphs("MeanFieldVI") if cuda_graphs else None
+        self._warned_optimizer = False
         if split_compiled_graph and bucket_cap_mb < 1:
             raise ValueError(
                 f"Expected bucket_cap_mb >= 1 with split_compiled_graph=True (DDP's first bucket holds "
@@ -459,16 +477,24 @@ class MeanFieldVI(torch.nn.Module):
         call of the posterior runs inside it, so it also hands regenerated-noise layers torch's
         fp32 matmul precision."""
         count = self._steps if purpose == "step" else self._evals
-        if self.posterior.regenerated_layers:  # torch's fp32 matmul setting, read here: compiled code cannot
-            precision = fp32_matmul_precision()
-            for layer in self.posterior.regenerated_layers:
-                layer.fp32_precision = precision
+        self._read_matmul_precision()
         if purpose != "step":
             self._evals += 1
-        stream = RNGStream(stream_seed(self._seed, "mean_field_particles", purpose, self.mesh.rank, count))
+        stream = RNGStream(self._stream_seed(purpose, count))
         device = self.posterior.locs[0].device
         with (torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()), stream:
             yield
+
+    def _stream_seed(self, purpose: str, count: int) -> int:
+        return stream_seed(self._seed, "mean_field_particles", purpose, self.mesh.rank, count)
+
+    def _read_matmul_precision(self) -> str:
+        """Hand torch's fp32 matmul setting to the regenerated-noise layers (read here: compiled
+        code cannot) and return it."""
+        precision = fp32_matmul_precision()
+        for layer in self.posterior.regenerated_layers:
+            layer.fp32_precision = precision
+        return precision
 
     def get_extra_state(self) -> dict:
         """Saved in :meth:`state_dict`: the seed and the number of steps (the same on every
@@ -520,8 +546,8 @@ class MeanFieldVI(torch.nn.Module):
                     device=self.mesh.device)
             if self.gradient_sync == "bucketed":
                 module = BucketedSum(module, group=self._group, bucket_cap_mb=self.bucket_cap_mb).module
-        if self._compile:
-            module = torch.compile(module, mode="reduce-overhead" if self.cuda_graphs else None)
+        if self._compile:  # with cuda_graphs=True, the whole step is captured (step_graph)
+            module = torch.compile(module)
         # a plain attribute, not a submodule: the state dict holds the parameters once
         object.__setattr__(self, "_loss_fn", module)
 
@@ -532,12 +558,15 @@ class MeanFieldVI(torch.nn.Module):
         return weight, ll_scale
 
     def _local_loss(self, x, y, noise=None) -> torch.Tensor:
+        with self._rng("step"):
+            return self._call_loss(x, y, noise)
+
+    def _call_loss(self, x, y, noise=None) -> torch.Tensor:
+        """This rank's local loss on the current random stream."""
         weight, ll_scale = self._scales(y)
-        fn = self._loss_fn
-        if self.cuda_graphs:  # a new step: the previous step's graph outputs may be overwritten
-            torch.compiler.cudagraph_mark_step_begin()
-        with self._rng("step"), torch._dynamo.config.patch(optimize_ddp=self.split_compiled_graph):
-            return fn(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik, noise, self.precision)
+        with torch._dynamo.config.patch(optimize_ddp=self.split_compiled_graph):
+            return self._loss_fn(x, y, self.num_local, weight, ll_scale, self.kl, self._loglik, noise,
+                                 self.precision)
 
     def step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *, noise=None) -> torch.Tensor:
         """
@@ -553,6 +582,8 @@ class MeanFieldVI(torch.nn.Module):
         :returns: the global loss (a 0-d tensor, the same on every rank,
             reduced without blocking the host: read it when you log).
         """
+        if self._graphs is not None and noise is None:
+            return self._checked(lambda: self._graph_step(optimizer, x, y))
         optimizer.zero_grad(set_to_none=False)
         loss = self.loss_and_backward(x, y, noise=noise)
         optimizer.step()
@@ -566,6 +597,12 @@ class MeanFieldVI(torch.nn.Module):
 
         :returns: the global loss (0-d tensor).
         """
+        if self._graphs is not None and noise is None:
+            return self._checked(lambda: self._graph_step(None, x, y))
+        return self._checked(lambda: self._loss_and_backward(x, y, noise))
+
+    def _checked(self, run):
+        """``run()`` unless an earlier step stopped the job; a failure that stops it is remembered."""
         if self._failure is not None:
             raise RuntimeError(
                 f"MeanFieldVI cannot take step {self._steps + 1}: step {self._failure}; pyro_sp stopped "
@@ -573,11 +610,59 @@ class MeanFieldVI(torch.nn.Module):
                 "(resume from a checkpoint)."
             )
         try:
-            return self._loss_and_backward(x, y, noise)
+            return run()
         except BaseException:
             if aborted():
                 self._failure = f"{self._steps + 1} failed ({abort_reason()})"
             raise
+
+    def _graph_step(self, optimizer, x, y) -> torch.Tensor:
+        """One step (``optimizer`` given: with the zeroing and the update) replayed from a CUDA graph
+        (:mod:`~pyro_sp.nn.step_graph`); one process, so no collective and no guard."""
+        if self._loss_fn is None:
+            self._setup(x, y)
+        params = [p for p in self.posterior.trainable() if p.requires_grad]
+        for p in params:  # the graph adds into .grad in place, at a fixed address
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        in_graph = optimizer is not None and capturable(optimizer)
+        if optimizer is not None and not in_graph and not self._warned_optimizer:
+            self._warned_optimizer = True
+            warnings.warn(
+                f"MeanFieldVI(cuda_graphs=True): {type(optimizer).__name__} is not capturable, so its step "
+                "runs after the graph, launched from the host. Pass capturable=True to a torch.optim "
+                "optimizer (torch.optim.Adam(..., capturable=True)) to replay it in the graph too.",
+                stacklevel=3,
+            )
+        key = (tensors_key([x, y], addresses=False), tensors_key(params), tensors_key([p.grad for p in params]),
+               optimizer_key(optimizer if in_graph else None), optimizer is not None, self.training,
+               self.posterior.bnn.training, self._read_matmul_precision())
+
+        def body(x, y):
+            if in_graph:
+                optimizer.zero_grad(set_to_none=False)
+            local = self._call_loss(x, y)
+            grads = torch.autograd.grad(local, params, allow_unused=True)
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.grad.add_(g)
+            if in_graph:
+                optimizer.step()
+            return local
+
+        if optimizer is not None and not in_graph:
+            optimizer.zero_grad(set_to_none=False)
+        loss = self._graphs.run(key, body, (x, y), self._stream_seed("step", self._steps),
+                                lambda: self._rng("step"))
+        if optimizer is not None and not in_graph:
+            optimizer.step()
+        self._steps += 1
+        if self.check == "always" and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"MeanFieldVI's loss is {float(loss)} at step {self._steps}. "
+                "Lower the learning rate or init_scale, or check the data."
+            )
+        return loss
 
     def _loss_and_backward(self, x, y, noise) -> torch.Tensor:
         if self._loss_fn is None:
@@ -590,12 +675,6 @@ class MeanFieldVI(torch.nn.Module):
         def stop_all():
             return failing_fast(what) if group is not None and not flat else contextlib.nullcontext()
 
-        if self.cuda_graphs:
-            # backward adds into .grad in place: a missing .grad would be taken from the graphs' outputs,
-            # whose memory the next replay overwrites
-            for p in self.posterior.trainable():
-                if p.requires_grad and p.grad is None:
-                    p.grad = torch.zeros_like(p)
         work = None
         if validate and group is not None:
             local, value = guarded(lambda: self._local_loss(x, y, noise), group=group, what=what,

@@ -1,0 +1,172 @@
+# SPDX-License-Identifier: Apache-2.0
+r"""
+A training step captured as one CUDA graph and replayed (``MeanFieldVI(cuda_graphs=True)``).
+
+The step's device work (zeroing the gradients, the compiled loss and its backward, the
+gradients added into ``.grad``, a capturable optimizer's update) is recorded once and
+replayed with one launch, so the host neither launches its kernels one by one nor
+waits between them. A replay computes exactly what running the step does:
+
+- **The same kernels.** The step ran once with the same *key* before it is captured
+  (compiling and autotuning happen there), and the capture records those kernels.
+- **The same noise.** Random ops in a graph read the CUDA generator's seed and offset
+  when the graph is *replayed*; the generator is seeded with the step's stream seed
+  :math:`s_t` before each replay (and given back after it), so step :math:`t` draws from
+  Philox :math:`(s_t, 0)`, as the step run without a graph does.
+- **The same memory.** A graph reads and writes fixed addresses: the inputs are copied
+  into its buffers, and the key holds the address of every parameter, gradient and
+  optimizer state tensor, the optimizer's hyperparameters (a float learning rate changed
+  by a scheduler is a new key; one held in a tensor updated in place is not), the
+  shapes, dtypes and devices of the inputs, the modules' training flags and torch's fp32
+  matmul setting. A new key runs the step without a graph once, and is captured on its
+  next step.
+
+The graphs of one owner share one memory pool (they replay one at a time), and at most
+:data:`CAPACITY` are kept, the least recently used dropped first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["CAPACITY", "StepGraphs", "capturable", "seeded"]
+
+#: The most graphs one owner keeps (a step whose last batch is smaller needs two).
+CAPACITY = 2
+
+
+def capturable(optimizer) -> bool:
+    """Whether ``optimizer.step()`` can be recorded in a CUDA graph: a ``torch.optim.Optimizer``
+    whose every parameter group has ``capturable=True`` (its step count kept on the device)."""
+    return isinstance(optimizer, torch.optim.Optimizer) and all(
+        g.get("capturable", False) for g in optimizer.param_groups)
+
+
+def _value(v):
+    """A hyperparameter as a key entry: a tensor by identity (updated in place, it is read by the
+    replay), anything else by value."""
+    if isinstance(v, torch.Tensor):
+        return ("tensor", id(v), v.data_ptr())
+    if isinstance(v, (list, tuple)):
+        return tuple(_value(u) for u in v)
+    return v
+
+
+def optimizer_key(optimizer) -> tuple:
+    """The optimizer's part of a step's key: its identity, each group's parameters and
+    hyperparameters, and the address of each state tensor."""
+    if optimizer is None:
+        return ()
+    groups = tuple(
+        (tuple(id(p) for p in g["params"]),
+         tuple(sorted((k, _value(v)) for k, v in g.items() if k != "params")))
+        for g in optimizer.param_groups)
+    state = tuple(
+        (id(p), tuple(sorted((k, v.data_ptr() if isinstance(v, torch.Tensor) else v)
+                             for k, v in optimizer.state.get(p, {}).items())))
+        for g in optimizer.param_groups for p in g["params"])
+    return (id(optimizer), groups, state)
+
+
+def tensors_key(tensors, addresses: bool = True) -> tuple:
+    """Shapes, dtypes, devices and (``addresses=True``) addresses of ``tensors`` (``None`` kept as
+    ``None``); the inputs are copied into a graph's buffers, so only their layout is part of a key."""
+    return tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) + ((t.data_ptr(),) if addresses else ())
+                 for t in tensors)
+
+
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int):
+    """The device's default CUDA generator at ``(seed, offset 0)`` inside the block, its own
+    state given back after it (what a graph replayed inside reads)."""
+    generator = torch.cuda.default_generators[device.index if device.index is not None
+                                              else torch.cuda.current_device()]
+    saved = generator.get_state()
+    generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        generator.set_state(saved)
+
+
+@dataclass
+class _Entry:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, ...]
+    output: torch.Tensor
+
+
+class StepGraphs:
+    """
+    The captured steps of one owner, by key.
+
+    :param str owner: how errors name the owner (``"MeanFieldVI"``).
+    """
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self._entries: OrderedDict = OrderedDict()
+        self._last_eager = None  # the key of the last step run without a graph
+        self._pool = None
+        self._stream: torch.cuda.Stream | None = None
+        self.captures = 0  #: graphs captured so far
+        self.replays = 0  #: steps replayed so far
+
+    def run(self, key: tuple, body: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], seed: int,
+            eager_rng: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+        """
+        One step: ``body(*inputs)`` returns the step's 0-d loss and does the rest of its work on
+        the device without reading any value on the host.
+
+        A key seen for the first time runs ``body`` now inside ``eager_rng()`` (the step's
+        random stream, installed as it is without graphs); the next step with that key captures
+        it; later ones replay it, the generator seeded with ``seed`` (the same stream).
+
+        :returns: the step's loss, a tensor of its own.
+        """
+        entry = self._entries.get(key)
+        if entry is None and key != self._last_eager:
+            self._last_eager = key
+            with eager_rng():
+                return body(*inputs).detach()
+        device = inputs[0].device
+        if entry is None:
+            entry = self._capture(key, body, inputs)
+        else:
+            self._entries.move_to_end(key)
+        for buffer, value in zip(entry.inputs, inputs):
+            if buffer is not value:
+                buffer.copy_(value)
+        with seeded(device, seed):
+            entry.graph.replay()
+        self.replays += 1
+        return entry.output.clone()
+
+    def _capture(self, key, body, inputs) -> _Entry:
+        device = inputs[0].device
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(device=device)
+        while len(self._entries) >= CAPACITY:
+            self._entries.popitem(last=False)
+        buffers = tuple(torch.empty_like(t) for t in inputs)
+        graph = torch.cuda.CUDAGraph()
+        self._stream.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
+                output = body(*buffers).detach()
+        except Exception as e:
+            raise RuntimeError(
+                f"{self.owner} could not capture its step as a CUDA graph: {type(e).__name__}: {e}. The step "
+                "was not taken (a capture runs nothing). A graph needs a step that never reads a device value "
+                f"on the host and never leaves the device. Pass {self.owner}(..., cuda_graphs=False)."
+            ) from e
+        torch.cuda.current_stream(device).wait_stream(self._stream)
+        self._entries[key] = entry = _Entry(graph, buffers, output)
+        self.captures += 1
+        return entry
