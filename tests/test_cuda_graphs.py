@@ -15,7 +15,11 @@ from torch import nn
 
 from pyro_sp.nn import BayesianModule, MeanFieldVI
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device"),
+    # fp32 products on both sides (bitwise comparisons): torch.compile's advice to use TF32 is expected
+    pytest.mark.filterwarnings("ignore:TensorFloat32 tensor cores:UserWarning"),
+]
 
 NOISE = ("stored", "regenerated")
 
