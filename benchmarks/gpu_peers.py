@@ -44,12 +44,13 @@ def torch_suite(args) -> dict:
     optim = torch.optim.Adam(locs + rhos, lr=1e-3, **({"fused": True} if args.fused_adam else {}))
     half_log_2pi = 0.5 * math.log(2 * math.pi)
 
-    def layer(h, n: int, i: int):
-        """Layer ``i // 2``'s output for the input ``h`` and its weights' ``log p - log q``."""
+    def layer(h, n: int, i: int, noise_dtype=torch.float32):
+        """Layer ``i // 2``'s output for the input ``h`` and its weights' ``log p - log q`` (``noise_dtype``:
+        the dtype the noise is drawn and kept in; the rest in fp32)."""
         log_w, sampled = 0.0, []
         for j in (i, i + 1):
             scale = F.softplus(rhos[j])
-            eps = torch.randn((n,) + shapes[j], device=device)
+            eps = torch.randn((n,) + shapes[j], device=device, dtype=noise_dtype)
             z = locs[j] + scale * eps
             log_q = (-0.5 * eps**2 - scale.log() - half_log_2pi).flatten(1).sum(-1)
             log_p = (-0.5 * z**2 - half_log_2pi).flatten(1).sum(-1)
@@ -59,14 +60,14 @@ def torch_suite(args) -> dict:
         h = h @ (w / math.sqrt(shapes[i][0])) + b.unsqueeze(-2)
         return (torch.relu(h) if i < len(shapes) - 2 else h), log_w
 
-    def loss_fn(n: int, recompute: bool = False):
+    def loss_fn(n: int, recompute: bool = False, noise_dtype=torch.float32):
         h, log_w = x, 0.0
         for i in range(0, len(shapes), 2):
             if recompute:  # nothing of the layer kept for backward but its input: drawn again there
                 h, lw = torch.utils.checkpoint.checkpoint(layer, h, n, i, use_reentrant=False,
                                                           preserve_rng_state=True)
             else:
-                h, lw = layer(h, n, i)
+                h, lw = layer(h, n, i, noise_dtype)
             log_w = log_w + lw
         log_lik = -F.cross_entropy(h.flatten(0, 1), y.repeat(n), reduction="none").view(n, -1).sum(-1)
         return -(log_lik + log_w).mean()
@@ -107,6 +108,10 @@ def torch_suite(args) -> dict:
                                       warmup=args.warmup, steps=args.steps, device=device)
                 except Exception as e:  # noqa: BLE001 - recorded: whether compile takes the recomputation
                     row[name] = _error(e)
+        if args.bf16_noise:  # the noise drawn and kept for backward in bf16, the weights formed from it in fp32
+            row["raw_torch_bf16_noise_compile"] = timed(
+                functools.partial(step, functools.partial(compiled, noise_dtype=torch.bfloat16), n),
+                warmup=args.warmup, steps=args.steps, device=device, back_to_back=args.back_to_back)
         if args.gemm:
             for dtype in (torch.float32, torch.bfloat16):
                 row[f"gemm_bound_{'bf16' if dtype == torch.bfloat16 else 'fp32'}"] = timed(
@@ -229,6 +234,9 @@ def main():
     p.add_argument("--checkpoint", action="store_true",
                    help="torch: also the step with each layer under torch.utils.checkpoint (weights drawn "
                         "again in backward from the saved random state, none kept)")
+    p.add_argument("--bf16-noise", action="store_true",
+                   help="torch: also the compiled step with the noise drawn and kept in bf16 (the weights and "
+                        "everything else in fp32)")
     p.add_argument("--gemm", action="store_true", help="torch: also time the step's bare matrix products")
     p.add_argument("--back-to-back", type=int, default=0, metavar="ROUNDS",
                    help="torch: also time ROUNDS rounds of --steps steps synchronised once per round "

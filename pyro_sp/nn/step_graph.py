@@ -48,36 +48,34 @@ def capturable(optimizer) -> bool:
 
 
 def _value(v):
-    """A hyperparameter as a key entry: a tensor by identity (updated in place, it is read by the
-    replay), anything else by value."""
+    """A hyperparameter as a key entry: a tensor by identity and address (updated in place, it is
+    read by the replay), anything else by value."""
     if isinstance(v, torch.Tensor):
         return ("tensor", id(v), v.data_ptr())
     if isinstance(v, (list, tuple)):
-        return tuple(_value(u) for u in v)
+        return tuple(map(_value, v))
     return v
 
 
 def optimizer_key(optimizer) -> tuple:
     """The optimizer's part of a step's key: its identity, each group's parameters and
-    hyperparameters, and the address of each state tensor."""
+    hyperparameters (in the group's order), and the address of each state tensor. Cheap: it
+    is built on the host before every step."""
     if optimizer is None:
         return ()
-    groups = tuple(
-        (tuple(id(p) for p in g["params"]),
-         tuple(sorted((k, _value(v)) for k, v in g.items() if k != "params")))
-        for g in optimizer.param_groups)
-    state = tuple(
-        (id(p), tuple(sorted((k, v.data_ptr() if isinstance(v, torch.Tensor) else v)
-                             for k, v in optimizer.state.get(p, {}).items())))
-        for g in optimizer.param_groups for p in g["params"])
-    return (id(optimizer), groups, state)
+    groups = tuple((tuple(map(id, g["params"])), tuple(_value(v) for k, v in g.items() if k != "params"))
+                   for g in optimizer.param_groups)
+    state = tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v
+                  for s in optimizer.state.values() for v in s.values())
+    return (id(optimizer), groups, tuple(map(id, optimizer.state)), state)
 
 
 def tensors_key(tensors, addresses: bool = True) -> tuple:
     """Shapes, dtypes, devices and (``addresses=True``) addresses of ``tensors`` (``None`` kept as
     ``None``); the inputs are copied into a graph's buffers, so only their layout is part of a key."""
-    return tuple(None if t is None else (tuple(t.shape), t.dtype, t.device) + ((t.data_ptr(),) if addresses else ())
-                 for t in tensors)
+    if not addresses:
+        return tuple(None if t is None else (t.shape, t.dtype, t.device) for t in tensors)
+    return tuple(None if t is None else (t.shape, t.dtype, t.device, t.data_ptr()) for t in tensors)
 
 
 @contextlib.contextmanager
