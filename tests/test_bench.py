@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from pyro_sp.bench import format_result
-from pyro_sp.bench.timing import COLLECTIVE_KINDS, back_to_back_times, step_times, timed
+from pyro_sp.bench.timing import COLLECTIVE_KINDS, back_to_back_times, graph_pool_bytes, step_times, timed
 from pyro_sp.distributed.launch import start_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +47,12 @@ def test_timing_loop():
     assert set(timed(lambda: None, steps=2)) == {"step_ms_median"}  # no peak memory off CUDA
     with pytest.raises(ValueError, match="Expected a CUDA device with events=True"):
         step_times(lambda: None, steps=1, events=True)
+
+
+def test_graph_pools_off_cuda():
+    """Off CUDA no graph holds memory: the peak is the allocated peak alone (None off CUDA)."""
+    assert graph_pool_bytes(None) == 0 and graph_pool_bytes(torch.device("cpu")) == 0
+    assert "graph_pool_gib" not in timed(lambda: None, steps=2, device=torch.device("cpu"))
 
 
 def test_back_to_back_rounds_wait_once_per_round():

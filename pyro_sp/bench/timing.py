@@ -76,7 +76,8 @@ def step_times(
         stream (the device's time for the queued work, not the host's launch of it: for single
         kernels); CUDA ``device`` only.
     :returns: the seconds of each timed call, and the peak memory over them in
-        GiB (CUDA ``device``; else ``None``).
+        GiB (CUDA ``device``; else ``None``): the peak allocated, plus what CUDA graphs' pools
+        hold (:func:`graph_pool_bytes`).
     """
     cuda = device is not None and device.type == "cuda"
     if events and not cuda:
@@ -104,8 +105,19 @@ def step_times(
             end.record()
         synchronize(device)
         times.append(start.elapsed_time(end) / 1e3 if events else time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    peak = (torch.cuda.max_memory_allocated(device) + graph_pool_bytes(device)) / 2**30 if cuda else None
     return times, peak
+
+
+def graph_pool_bytes(device: torch.device | None) -> int:
+    """Bytes held by the private memory pools of the CUDA graphs on ``device`` (0 off CUDA). A
+    replayed graph's intermediate tensors live in its pool, reserved when it was captured and never
+    counted as allocated, so a peak of allocated memory alone would leave them out."""
+    if device is None or device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return sum(s["total_size"] for s in torch.cuda.memory._snapshot()["segments"]
+               if s.get("device") == index and tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
 def back_to_back_times(
@@ -146,7 +158,8 @@ def back_to_back_times(
 def timed(step: Callable[[], object], *, steps: int, warmup: int = 0, device: torch.device | None = None,
           back_to_back: int = 0, **kwargs) -> dict:
     """:func:`step_times` summarised: ``{"step_ms_median": ..., "peak_gib": ...}`` (the
-    median in milliseconds; ``peak_gib`` only on CUDA). With ``back_to_back`` rounds, also
+    median in milliseconds; ``peak_gib`` only on CUDA, with ``graph_pool_gib``, the part of it
+    that CUDA graphs' pools hold, where there are graphs). With ``back_to_back`` rounds, also
     ``"step_ms_back_to_back"``: the median over the rounds of :func:`back_to_back_times` (``steps``
     calls per round). ``kwargs`` go to :func:`step_times`."""
     if back_to_back < 0:
@@ -155,6 +168,9 @@ def timed(step: Callable[[], object], *, steps: int, warmup: int = 0, device: to
     out = {"step_ms_median": 1e3 * statistics.median(times)}
     if peak is not None:
         out["peak_gib"] = peak
+        pools = graph_pool_bytes(device)
+        if pools:
+            out["graph_pool_gib"] = pools / 2**30
     if back_to_back:
         rounds = back_to_back_times(step, steps=steps, rounds=back_to_back, device=device, wait=kwargs.get("wait"))
         out["step_ms_back_to_back"] = 1e3 * statistics.median(rounds)
