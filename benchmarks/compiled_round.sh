@@ -9,6 +9,7 @@
 #                                                  # the kernels' device check and times
 #   bash benchmarks/compiled_round.sh profile      # where a step's time goes, kernel by kernel (profiler)
 #   bash benchmarks/compiled_round.sh graphs_check # CUDA graphs against the step without them
+#   bash benchmarks/compiled_round.sh graph_tests  # tests/test_cuda_graphs.py on the GPU
 #   bash benchmarks/compiled_round.sh regenerated_peers  # raw torch.compile (with and without
 #                                                  # torch.utils.checkpoint), the bare products, bf16, ViT
 #   bash benchmarks/compiled_round.sh tiles        # each tile of the noise kernels alone (kernel_tiles.py)
@@ -53,8 +54,8 @@ timeout 90 $BENCH compiled --device cuda --programs small gmm vae \
 regenerated)
 timeout 200 $BENCH gpu-single --model mlp --particles 32 64 8 --warmup 6 --steps 20 --tf32 --fused-adam \
   --back-to-back 5 --variants fused_analytic fused_analytic_graphs fused_regenerated fused_regenerated_graphs \
-  --out "$OUT/regenerated_mlp_tf32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/regenerated_mlp.log"
-timeout 100 python3 benchmarks/gpu_peers.py torch --tf32 --gemm --fused-adam --particles 32 64 --warmup 6 \
+  fused_regenerated_bf16_graphs --out "$OUT/regenerated_mlp_tf32.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/regenerated_mlp.log"
+timeout 120 python3 benchmarks/gpu_peers.py torch --tf32 --gemm --bf16-noise --fused-adam --particles 32 64 --warmup 6 \
   --steps 20 --back-to-back 5 --out "$OUT/raw_torch_tf32.json" 2>&1 | tail -2
 timeout 130 $BENCH gpu-single --model vit --particles 8 32 --warmup 4 --steps 10 --tf32 --fused-adam \
   --variants fused_analytic fused_regenerated \
@@ -62,7 +63,7 @@ timeout 130 $BENCH gpu-single --model vit --particles 8 32 --warmup 4 --steps 10
 timeout 70 $BENCH gpu-single --model mlp --particles 32 64 --warmup 6 --steps 20 --tf32 --fused-adam \
   --variants fused_bf16 fused_regenerated_bf16 \
   --out "$OUT/regenerated_bf16_mlp.json" 2>&1 | grep -v -E "^INFO|USDT" | tee "$OUT/regenerated_bf16.log"
-timeout 50 python3 benchmarks/graphs_check.py --particles 8 --steps 4 --out "$OUT/graphs_check.json" \
+timeout 80 python3 benchmarks/graphs_check.py --particles 8 --steps 6 --out "$OUT/graphs_check.json" \
   2>&1 | tee "$OUT/graphs_check.log" | tail -2
 timeout 80 python3 benchmarks/regenerated_check.py --particles 32 --chunk-mib 32 64 1024 \
   --out "$OUT/regenerated_check.json" 2>&1 | tee "$OUT/regenerated_check.log" | cut -c1-200
@@ -74,8 +75,12 @@ for v in fused_regenerated_graphs fused_regenerated fused_analytic; do
 done
 ;;
 graphs_check)
-timeout 60 python3 benchmarks/graphs_check.py --particles 8 --steps 4 --out "$OUT/graphs_check.json" \
+timeout 80 python3 benchmarks/graphs_check.py --particles 8 --steps 6 --out "$OUT/graphs_check.json" \
   2>&1 | tee "$OUT/graphs_check.log" | tail -3
+;;
+graph_tests)
+timeout 300 python3 -m pytest -q -p no:cacheprovider -p no:logging --tb=short tests/test_cuda_graphs.py 2>&1 \
+  | grep -v "^DEBUG" | tail -20 | tee "$OUT/test_cuda_graphs.log"
 ;;
 regenerated_peers)
 timeout 150 python3 benchmarks/gpu_peers.py torch --tf32 --gemm --checkpoint --particles 8 32 64 --warmup 6 \
