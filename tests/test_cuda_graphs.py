@@ -150,6 +150,7 @@ def test_the_callers_random_state_is_untouched():
 
 
 def test_non_finite_loss_raises_with_check_always():
+    """With check="always" the update runs after the graph, once the loss is known to be finite."""
     vi = _vi("stored", True, check="always")
     optim = torch.optim.Adam(_params(vi), lr=1e-2, capturable=True)
     batches = _batches([16] * 3)
@@ -157,5 +158,8 @@ def test_non_finite_loss_raises_with_check_always():
         vi.step(optim, x, y)
     with torch.no_grad():
         vi.posterior.locs[0].fill_(float("nan"))
+    before = [p.detach().clone() for p in _params(vi)]
     with pytest.raises(FloatingPointError, match="MeanFieldVI's loss is nan at step 3"):
         vi.step(optim, *batches[2])
+    for a, p in zip(before, _params(vi)):  # raised before the update, as without graphs
+        torch.testing.assert_close(p.detach(), a, rtol=0, atol=0, equal_nan=True)

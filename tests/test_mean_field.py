@@ -550,8 +550,9 @@ def test_cuda_graphs_refused_on_a_mesh(pools):
 
 def test_step_graph_keys():
     """A step graph's key changes with what a replay would read at a stale address or value: a
-    float learning rate set anew, an optimizer state loaded, a parameter moved; not with a tensor
-    learning rate updated in place."""
+    float or CPU tensor learning rate set anew, an optimizer state loaded, a gradient gone, a
+    parameter moved. (A CUDA tensor learning rate, read by the kernels and kept by identity, is
+    tested in tests/test_cuda_graphs.py.)"""
     from pyro_sp.nn.step_graph import capturable, optimizer_key, tensors_key
 
     w = nn.Parameter(torch.randn(3, 2))
@@ -569,13 +570,18 @@ def test_step_graph_keys():
     old = list(adam.state[w].values())  # kept alive: the new tensors cannot take their addresses
     adam.load_state_dict(copy.deepcopy(adam.state_dict()))  # the same values in new tensors
     assert optimizer_key(adam) != before
+    before = optimizer_key(adam)
+    w.grad = None  # the update and the zeroing skip it now: a graph would still write it
+    assert optimizer_key(adam) != before
+    w.grad = torch.ones_like(w)
+    # a CPU tensor learning rate is read on the host (a graph holds its value): keyed by value
     lr = torch.tensor(1e-3)
     tensor_lr = torch.optim.Adam([w], lr=lr, capturable=True)
     keyed = optimizer_key(tensor_lr)
     lr.fill_(5e-4)
-    assert optimizer_key(tensor_lr) == keyed
-    tensor_lr.param_groups[0]["lr"] = torch.tensor(5e-4)
     assert optimizer_key(tensor_lr) != keyed
+    lr.fill_(1e-3)
+    assert optimizer_key(tensor_lr) == keyed
     assert optimizer_key(None) == ()
     assert tensors_key([w]) == tensors_key([w]) and tensors_key([w]) != tensors_key([w.detach().clone()])
     assert tensors_key([w], addresses=False) == tensors_key([w.detach().clone()], addresses=False)

@@ -20,6 +20,7 @@ its path.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -76,12 +77,24 @@ def step_times(
         stream (the device's time for the queued work, not the host's launch of it: for single
         kernels); CUDA ``device`` only.
     :returns: the seconds of each timed call, and the peak memory over them in
-        GiB (CUDA ``device``; else ``None``): the peak allocated, plus what CUDA graphs' pools
-        hold (:func:`graph_pool_bytes`).
+        GiB (CUDA ``device``; else ``None``): the peak allocated, plus what the pools of the CUDA
+        graphs captured during the call hold beyond it (:func:`graph_pool_bytes`).
     """
+    times, peak, _ = _step_times(step, steps=steps, warmup=warmup, device=device, wait=wait, before=before,
+                                 events=events)
+    return times, peak
+
+
+def _step_times(step, *, steps, warmup, device, wait, before, events) -> tuple[list[float], float | None, int]:
+    """:func:`step_times`, and the bytes of the CUDA graph pools made during it."""
     cuda = device is not None and device.type == "cuda"
     if events and not cuda:
         raise ValueError(f"Expected a CUDA device with events=True (CUDA events time the device), got {device}.")
+    pools = 0
+    if cuda:  # what earlier steps' dead graphs left is released, so that only this step's pools count
+        gc.collect()
+        torch.cuda.empty_cache()
+        pools = graph_pool_bytes(device)
     for _ in range(warmup):
         result = step()
         if wait is not None:
@@ -105,18 +118,21 @@ def step_times(
             end.record()
         synchronize(device)
         times.append(start.elapsed_time(end) / 1e3 if events else time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated(device) + graph_pool_bytes(device)) / 2**30 if cuda else None
-    return times, peak
+    if not cuda:
+        return times, None, 0
+    pools = max(0, graph_pool_bytes(device) - pools)
+    return times, (torch.cuda.max_memory_allocated(device) + pools) / 2**30, pools
 
 
 def graph_pool_bytes(device: torch.device | None) -> int:
-    """Bytes held by the private memory pools of the CUDA graphs on ``device`` (0 off CUDA). A
-    replayed graph's intermediate tensors live in its pool, reserved when it was captured and never
-    counted as allocated, so a peak of allocated memory alone would leave them out."""
+    """Bytes that the private memory pools of CUDA graphs on ``device`` hold beyond their live
+    tensors (0 off CUDA). A replayed graph's intermediate tensors live there: reserved when the
+    graph was captured and free to the allocator, so never counted as allocated; a peak of
+    allocated memory alone would leave them out (the live ones it counts already)."""
     if device is None or device.type != "cuda":
         return 0
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return sum(s["total_size"] for s in torch.cuda.memory._snapshot()["segments"]
+    return sum(s["total_size"] - s["allocated_size"] for s in torch.cuda.memory._snapshot()["segments"]
                if s.get("device") == index and tuple(s.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
@@ -164,11 +180,11 @@ def timed(step: Callable[[], object], *, steps: int, warmup: int = 0, device: to
     calls per round). ``kwargs`` go to :func:`step_times`."""
     if back_to_back < 0:
         raise ValueError(f"Expected back_to_back >= 0 rounds (0: none), got {back_to_back}.")
-    times, peak = step_times(step, steps=steps, warmup=warmup, device=device, **kwargs)
+    options = {"wait": None, "before": None, "events": False, **kwargs}
+    times, peak, pools = _step_times(step, steps=steps, warmup=warmup, device=device, **options)
     out = {"step_ms_median": 1e3 * statistics.median(times)}
     if peak is not None:
         out["peak_gib"] = peak
-        pools = graph_pool_bytes(device)
         if pools:
             out["graph_pool_gib"] = pools / 2**30
     if back_to_back:

@@ -289,17 +289,20 @@ class MeanFieldVI(torch.nn.Module):
         mesh, replay each training step as one CUDA graph
         (:mod:`~pyro_sp.nn.step_graph`): :meth:`step` records the zeroing of the
         gradients, the compiled loss and backward, and the optimizer's update when it is
-        capturable (``torch.optim.Adam(..., capturable=True)``; otherwise the update runs
-        after the graph, with a warning), and replays them with one launch.
-        :meth:`loss_and_backward` records the loss and backward. The same kernels, noise and
-        arithmetic as without graphs: a step's key (input shapes, the addresses of the
-        parameters, gradients and optimizer state, the optimizer's hyperparameters) runs
-        once without a graph and is captured on its next step; the graph reads the step's
-        random stream when it is replayed. Checked on a GPU against the same compiled step
-        without graphs (``tests/test_cuda_graphs.py``, ``benchmarks/graphs_check.py``).
-        A float learning rate changed by a scheduler makes a new graph; a tensor
-        learning rate (``lr=torch.tensor(1e-3)``) updated in place does not. Optimizer
-        hooks run when a graph is captured, not when it is replayed.
+        capturable (``torch.optim.Adam(..., capturable=True)``; otherwise, or with
+        ``check="always"``, the update runs after the graph), and replays them with one
+        launch. :meth:`loss_and_backward` records the loss and backward. The same kernels,
+        noise and arithmetic as the compiled step without graphs: a step's key (input
+        shapes, the addresses of the parameters, gradients and optimizer state, the
+        optimizer's hyperparameters, the modules' training flags, the precision settings)
+        runs once without a graph and is captured on its next step; the graph reads the
+        step's random stream when it is replayed. Checked on a GPU against the same
+        compiled step without graphs (``tests/test_cuda_graphs.py``,
+        ``benchmarks/graphs_check.py``). A new float learning rate is a new key: one step
+        without a graph, then a capture, so a scheduler that changes it every step keeps
+        every step off the graphs; a learning rate in a CUDA tensor
+        (``lr=torch.tensor(1e-3, device="cuda")``), which schedulers update in place, keeps
+        one graph. Optimizer hooks run when a graph is captured, not when it is replayed.
     :param str check: ``"first"``: the first step verifies on every rank
         that the ranks agree and none failed (one small collective), later
         steps run without host synchronisation; ``"always"``: every step
@@ -459,6 +462,7 @@ class MeanFieldVI(torch.nn.Module):
         self.cuda_graphs = bool(cuda_graphs)
         self._graphs = StepGraphs("MeanFieldVI") if cuda_graphs else None
         self._warned_optimizer = False
+        self._no_gradient: set[int] = set()  # parameters the loss gives no gradient (graphs leave them None)
         if split_compiled_graph and bucket_cap_mb < 1:
             raise ValueError(
                 f"Expected bucket_cap_mb >= 1 with split_compiled_graph=True (DDP's first bucket holds "
@@ -624,11 +628,14 @@ class MeanFieldVI(torch.nn.Module):
         if self._loss_fn is None:
             self._setup(x, y)
         params = [p for p in self.posterior.trainable() if p.requires_grad]
+        created = set()
         for p in params:  # the graph adds into .grad in place, at a fixed address
-            if p.grad is None:
+            if p.grad is None and id(p) not in self._no_gradient:
                 p.grad = torch.zeros_like(p)
-        in_graph = optimizer is not None and capturable(optimizer)
-        if optimizer is not None and not in_graph and not self._warned_optimizer:
+                created.add(id(p))
+        # the update is in the graph unless it is not capturable or the loss is checked before it
+        in_graph = optimizer is not None and capturable(optimizer) and self.check != "always"
+        if optimizer is not None and not capturable(optimizer) and not self._warned_optimizer:
             self._warned_optimizer = True
             warnings.warn(
                 f"MeanFieldVI(cuda_graphs=True): {type(optimizer).__name__} is not capturable, so its step "
@@ -636,9 +643,12 @@ class MeanFieldVI(torch.nn.Module):
                 "optimizer (torch.optim.Adam(..., capturable=True)) to replay it in the graph too.",
                 stacklevel=3,
             )
+        # what a replay would read at a stale address or with a stale value (step_graph's module docs)
         key = (tensors_key([x, y], addresses=False), tensors_key(params), tensors_key([p.grad for p in params]),
-               optimizer_key(optimizer if in_graph else None), optimizer is not None, self.training,
-               self.posterior.bnn.training, self._read_matmul_precision())
+               optimizer_key(optimizer if in_graph else None), optimizer is not None,
+               tuple(m.training for m in self.modules()), self._read_matmul_precision(),
+               torch.backends.cudnn.allow_tf32, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+               self.num_local, self.num_data, self.kl, self.precision)
 
         def body(x, y):
             if in_graph:
@@ -648,6 +658,9 @@ class MeanFieldVI(torch.nn.Module):
             for p, g in zip(params, grads):
                 if g is not None:
                     p.grad.add_(g)
+                elif id(p) in created:  # no gradient from the loss: left without one, as backward leaves it
+                    self._no_gradient.add(id(p))
+                    p.grad = None
             if in_graph:
                 optimizer.step()
             return local
@@ -656,14 +669,14 @@ class MeanFieldVI(torch.nn.Module):
             optimizer.zero_grad(set_to_none=False)
         loss = self._graphs.run(key, body, (x, y), self._stream_seed("step", self._steps),
                                 lambda: self._rng("step"))
-        if optimizer is not None and not in_graph:
-            optimizer.step()
         self._steps += 1
-        if self.check == "always" and not torch.isfinite(loss):
+        if self.check == "always" and not torch.isfinite(loss):  # before the update, as without graphs
             raise FloatingPointError(
                 f"MeanFieldVI's loss is {float(loss)} at step {self._steps}. "
                 "Lower the learning rate or init_scale, or check the data."
             )
+        if optimizer is not None and not in_graph:
+            optimizer.step()
         return loss
 
     def _loss_and_backward(self, x, y, noise) -> torch.Tensor:

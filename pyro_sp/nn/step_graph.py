@@ -48,22 +48,27 @@ def capturable(optimizer) -> bool:
 
 
 def _value(v):
-    """A hyperparameter as a key entry: a tensor by identity and address (updated in place, it is
-    read by the replay), anything else by value."""
+    """A hyperparameter as a key entry: a CUDA tensor by identity and address (updated in place, it
+    is read by the replay), anything else by value (a CPU tensor too: the optimizers read it on the
+    host, so a graph holds the value it had at capture)."""
     if isinstance(v, torch.Tensor):
-        return ("tensor", id(v), v.data_ptr())
+        if v.is_cuda:
+            return ("tensor", id(v), v.data_ptr())
+        return ("value", v.tolist())
     if isinstance(v, (list, tuple)):
         return tuple(map(_value, v))
     return v
 
 
 def optimizer_key(optimizer) -> tuple:
-    """The optimizer's part of a step's key: its identity, each group's parameters and
-    hyperparameters (in the group's order), and the address of each state tensor. Cheap: it
-    is built on the host before every step."""
+    """The optimizer's part of a step's key: its identity, each group's hyperparameters (in the
+    group's order), the address of each of its parameters and of their gradients (its update
+    and zeroing write every one, the owner's or not; a missing gradient is skipped), and the
+    address of each state tensor. Cheap: it is built on the host before every step."""
     if optimizer is None:
         return ()
-    groups = tuple((tuple(map(id, g["params"])), tuple(_value(v) for k, v in g.items() if k != "params"))
+    groups = tuple((tuple((id(p), p.data_ptr(), None if p.grad is None else p.grad.data_ptr()) for p in g["params"]),
+                    tuple(_value(v) for k, v in g.items() if k != "params"))
                    for g in optimizer.param_groups)
     state = tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v
                   for s in optimizer.state.values() for v in s.values())
@@ -129,9 +134,10 @@ class StepGraphs:
         """
         entry = self._entries.get(key)
         if entry is None and key != self._last_eager:
-            self._last_eager = key
             with eager_rng():
-                return body(*inputs).detach()
+                loss = body(*inputs).detach()
+            self._last_eager = key  # ran (compiled, autotuned): captured the next time
+            return loss
         device = inputs[0].device
         if entry is None:
             entry = self._capture(key, body, inputs)

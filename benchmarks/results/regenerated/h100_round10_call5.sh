@@ -1,4 +1,4 @@
-# round 10, call 2: the whole-step graphs against round 9's graphs (3df5ced's package) on one machine;
+# round 10, call 5: the whole-step graphs against round 9's graphs (3df5ced's package) on one machine;
 # the host's time per step; the ViT-small with and without the graphs
 set -uo pipefail
 source benchmarks/gpu_env.sh

@@ -1,4 +1,4 @@
-# round 10, call 3: the cheaper step key checked on the device; the whole-step graphs (TF32, bf16, stored
+# round 10, call 6: the cheaper step key checked on the device; the whole-step graphs (TF32, bf16, stored
 # noise) beside raw torch.compile, its bf16-noise form and the bare products, on one machine
 set -uo pipefail
 source benchmarks/gpu_env.sh
