@@ -585,6 +585,7 @@ def test_step_graph_keys():
     assert optimizer_key(None) == ()
     assert tensors_key([w]) == tensors_key([w]) and tensors_key([w]) != tensors_key([w.detach().clone()])
     assert tensors_key([w], addresses=False) == tensors_key([w.detach().clone()], addresses=False)
+    assert tensors_key([w], addresses=False) != tensors_key([w.detach().t().contiguous().t()], addresses=False)
     assert tensors_key([None]) == (None,)
 
 

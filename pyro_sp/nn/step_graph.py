@@ -13,13 +13,15 @@ waits between them. A replay computes exactly what running the step does:
   when the graph is *replayed*; the generator is seeded with the step's stream seed
   :math:`s_t` before each replay (and given back after it), so step :math:`t` draws from
   Philox :math:`(s_t, 0)`, as the step run without a graph does.
-- **The same memory.** A graph reads and writes fixed addresses: the inputs are copied
-  into its buffers, and the key holds the address of every parameter, gradient and
-  optimizer state tensor, the optimizer's hyperparameters (a float learning rate changed
-  by a scheduler is a new key; one held in a tensor updated in place is not), the
-  shapes, dtypes and devices of the inputs, the modules' training flags and torch's fp32
-  matmul setting. A new key runs the step without a graph once, and is captured on its
-  next step.
+- **The same memory and settings.** A graph reads and writes fixed addresses and holds
+  the values the host passed its kernels at capture. The inputs are copied into its
+  buffers; the owner's key holds the address of every parameter and gradient (the
+  optimizer's too) and of every optimizer state tensor; the optimizer's hyperparameters
+  (by value, except a CUDA tensor, which the kernels read and is kept by identity: a
+  float learning rate set anew is a new key, a CUDA tensor one updated in place is
+  not); the inputs' shapes, strides, dtypes and devices; the modules' training flags;
+  torch's fp32 matmul and cuDNN TF32 settings and autocast; the estimator's settings. A
+  new key runs the step without a graph once, and is captured on its next step.
 
 The graphs of one owner share one memory pool (they replay one at a time), and at most
 :data:`CAPACITY` are kept, the least recently used dropped first.
@@ -77,9 +79,10 @@ def optimizer_key(optimizer) -> tuple:
 
 def tensors_key(tensors, addresses: bool = True) -> tuple:
     """Shapes, dtypes, devices and (``addresses=True``) addresses of ``tensors`` (``None`` kept as
-    ``None``); the inputs are copied into a graph's buffers, so only their layout is part of a key."""
+    ``None``); the inputs are copied into a graph's buffers, so only their layout (with their
+    strides, which the compiled code is specialised to) is part of a key."""
     if not addresses:
-        return tuple(None if t is None else (t.shape, t.dtype, t.device) for t in tensors)
+        return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors)
     return tuple(None if t is None else (t.shape, t.dtype, t.device, t.data_ptr()) for t in tensors)
 
 
