@@ -589,6 +589,51 @@ def test_step_graph_keys():
     assert tensors_key([None]) == (None,)
 
 
+def test_step_key_follows_what_a_replay_reads():
+    """MeanFieldVI's step key changes with every setting its compiled step reads as a constant."""
+    vi = MeanFieldVI(_bnn("all", "categorical"), num_particles=2)
+    x, y = _data("categorical")
+    params = [p for p in vi.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+
+    def key():
+        return vi._step_key(x, y, params, None, True)
+
+    first = key()
+    assert key() == first
+    assert vi._step_key(x[:1], y[:1], params, None, True) != first
+    assert vi._step_key(x, y, params, None, False) != first
+    list(vi.modules())[-1].eval()  # one layer of the network
+    assert key() != first
+    vi.train()
+    assert key() == first
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high" if precision == "highest" else "highest")
+        assert key() != first
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    torch.set_autocast_enabled("cuda", True)  # (torch.autocast refuses CUDA on a machine without one)
+    try:
+        assert key() != first
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+    dtype = torch.get_autocast_dtype("cuda")
+    torch.set_autocast_dtype("cuda", torch.bfloat16 if dtype != torch.bfloat16 else torch.float16)
+    try:
+        assert key() != first
+    finally:
+        torch.set_autocast_dtype("cuda", dtype)
+    with torch.backends.cudnn.flags(allow_tf32=not torch.backends.cudnn.allow_tf32):
+        assert key() != first
+    vi.num_data = 1000
+    assert key() != first
+    vi.num_data = None
+    params[0].grad = torch.zeros_like(params[0])  # a gradient at a new address
+    assert key() != first
+
+
 def test_param_store_round_trip():
     torch.set_default_dtype(torch.float64)
     bnn = _bnn("last", "categorical")

@@ -643,12 +643,7 @@ class MeanFieldVI(torch.nn.Module):
                 "optimizer (torch.optim.Adam(..., capturable=True)) to replay it in the graph too.",
                 stacklevel=3,
             )
-        # what a replay would read at a stale address or with a stale value (step_graph's module docs)
-        key = (tensors_key([x, y], addresses=False), tensors_key(params), tensors_key([p.grad for p in params]),
-               optimizer_key(optimizer if in_graph else None), optimizer is not None,
-               tuple(m.training for m in self.modules()), self._read_matmul_precision(),
-               torch.backends.cudnn.allow_tf32, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-               self.num_local, self.num_data, self.kl, self.precision)
+        key = self._step_key(x, y, params, optimizer if in_graph else None, optimizer is not None)
 
         def body(x, y):
             if in_graph:
@@ -678,6 +673,14 @@ class MeanFieldVI(torch.nn.Module):
         if optimizer is not None and not in_graph:
             optimizer.step()
         return loss
+
+    def _step_key(self, x, y, params, in_graph_optimizer, zeroes: bool) -> tuple:
+        """What a replayed step would read at a stale address or with a stale value
+        (:mod:`~pyro_sp.nn.step_graph`): a graph is kept per key."""
+        return (tensors_key([x, y], addresses=False), tensors_key(params), tensors_key([p.grad for p in params]),
+                optimizer_key(in_graph_optimizer), zeroes, tuple(m.training for m in self.modules()),
+                self._read_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.is_autocast_enabled("cuda"),
+                torch.get_autocast_dtype("cuda"), self.num_local, self.num_data, self.kl, self.precision)
 
     def _loss_and_backward(self, x, y, noise) -> torch.Tensor:
         if self._loss_fn is None:

@@ -56,7 +56,7 @@ def _value(v):
     if isinstance(v, torch.Tensor):
         if v.is_cuda:
             return ("tensor", id(v), v.data_ptr())
-        return ("value", v.tolist())
+        return ("value", tuple(v.shape), tuple(v.reshape(-1).tolist()))
     if isinstance(v, (list, tuple)):
         return tuple(map(_value, v))
     return v
