@@ -567,8 +567,9 @@ def test_step_graph_keys():
     assert optimizer_key(adam) != before
     adam.param_groups[0]["lr"] = 1e-3
     assert optimizer_key(adam) == before
-    old = list(adam.state[w].values())  # kept alive: the new tensors cannot take their addresses
+    kept = list(adam.state[w].values())  # kept alive: the new tensors cannot take their addresses
     adam.load_state_dict(copy.deepcopy(adam.state_dict()))  # the same values in new tensors
+    assert all(new is not old for new, old in zip(adam.state[w].values(), kept))
     assert optimizer_key(adam) != before
     before = optimizer_key(adam)
     w.grad = None  # the update and the zeroing skip it now: a graph would still write it
