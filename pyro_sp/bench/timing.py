@@ -85,7 +85,8 @@ def step_times(
     return times, peak
 
 
-def _step_times(step, *, steps, warmup, device, wait, before, events) -> tuple[list[float], float | None, int]:
+def _step_times(step, *, steps, warmup=0, device=None, wait=None, before=None,
+                events=False) -> tuple[list[float], float | None, int]:
     """:func:`step_times`, and the bytes of the CUDA graph pools made during it."""
     cuda = device is not None and device.type == "cuda"
     if events and not cuda:
@@ -180,8 +181,7 @@ def timed(step: Callable[[], object], *, steps: int, warmup: int = 0, device: to
     calls per round). ``kwargs`` go to :func:`step_times`."""
     if back_to_back < 0:
         raise ValueError(f"Expected back_to_back >= 0 rounds (0: none), got {back_to_back}.")
-    options = {"wait": None, "before": None, "events": False, **kwargs}
-    times, peak, pools = _step_times(step, steps=steps, warmup=warmup, device=device, **options)
+    times, peak, pools = _step_times(step, steps=steps, warmup=warmup, device=device, **kwargs)
     out = {"step_ms_median": 1e3 * statistics.median(times)}
     if peak is not None:
         out["peak_gib"] = peak

@@ -665,11 +665,7 @@ class MeanFieldVI(torch.nn.Module):
         loss = self._graphs.run(key, body, (x, y), self._stream_seed("step", self._steps),
                                 lambda: self._rng("step"))
         self._steps += 1
-        if self.check == "always" and not torch.isfinite(loss):  # before the update, as without graphs
-            raise FloatingPointError(
-                f"MeanFieldVI's loss is {float(loss)} at step {self._steps}. "
-                "Lower the learning rate or init_scale, or check the data."
-            )
+        self._check_finite(loss)  # before the update, as without graphs
         if optimizer is not None and not in_graph:
             optimizer.step()
         return loss
@@ -722,12 +718,16 @@ class MeanFieldVI(torch.nn.Module):
                 work.wait()
         self._steps += 1
         self._validated = True
-        if self.check == "always" and not torch.isfinite(total):
+        self._check_finite(total)
+        return total
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """With ``check="always"``, a non-finite global loss raises (the same on every rank)."""
+        if self.check == "always" and not torch.isfinite(loss):
             raise FloatingPointError(
-                f"MeanFieldVI's loss is {float(total)} at step {self._steps} (on every rank). "
+                f"MeanFieldVI's loss is {float(loss)} at step {self._steps} (on every rank). "
                 "Lower the learning rate or init_scale, or check the data."
             )
-        return total
 
     @torch.no_grad()
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
