@@ -2,8 +2,8 @@
 """``MeanFieldVI(cuda_graphs=True)`` against the same compiled steps without graphs, on a CUDA
 device (skipped without one): bitwise the same losses, gradients and parameters through
 recaptures (a smaller batch, a new learning rate, a loaded optimizer state), a tensor learning
-rate updated in place, an optimizer that is not capturable, gradient accumulation, and the
-caller's random state."""
+rate updated in place, an optimizer that is not capturable, gradients given by the graph,
+gradient accumulation, and the caller's random state."""
 
 from __future__ import annotations
 
@@ -60,14 +60,16 @@ def _train(weight_noise, graphs, batches, optimizer=None, before_step=None):
         if before_step is not None:
             before_step(optim, t)
         losses.append(vi.step(optim, x, y))
-    return vi, torch.stack(losses), [p.detach().clone() for p in _params(vi)]
+    params = _params(vi)
+    return vi, torch.stack(losses), [p.detach().clone() for p in params] + [p.grad.clone() for p in params]
 
 
 def _assert_same(plain, graphs):
+    """The same losses, parameters and gradients, bitwise."""
     _, loss_a, params_a = plain
     vi, loss_b, params_b = graphs
     assert torch.equal(loss_a, loss_b), (loss_a, loss_b)
-    for a, b in zip(params_a, params_b):
+    for a, b in zip(params_a, params_b, strict=True):
         assert torch.equal(a, b), float((a - b).abs().max())
     return vi._graphs
 
@@ -121,6 +123,34 @@ def test_loaded_optimizer_state_is_a_new_graph():
     plain = _train("stored", False, batches, before_step=reload)
     graphs = _assert_same(plain, _train("stored", True, batches, before_step=reload))
     assert graphs.captures == 2
+
+
+def test_gradients_given_by_the_graph():
+    """The optimizer's gradients are the graph's own tensors (the same ones replay after replay),
+    equal to those of the step without graphs; an optimizer parameter outside the model has its
+    gradient zeroed, and a parameter the optimizer does not hold accumulates, as without graphs."""
+    batches = _batches([16] * 6)
+    runs = []
+    for graphs in (False, True):
+        vi = _vi("regenerated", graphs)
+        held, left_out = _params(vi)[1:], _params(vi)[0]
+        extra = torch.ones(3, device="cuda", requires_grad=True)
+        extra.grad = torch.full_like(extra, 5.0)
+        optim = torch.optim.Adam(held + [extra], lr=1e-2, capturable=True)
+        addresses, losses = [], []
+        for x, y in batches:
+            losses.append(vi.step(optim, x, y))
+            addresses.append([p.grad.data_ptr() for p in held])
+            assert torch.equal(extra.grad, torch.zeros_like(extra))
+        runs.append((torch.stack(losses), [p.detach().clone() for p in _params(vi)],
+                     [p.grad.clone() for p in _params(vi)], left_out.grad.clone()))
+    assert addresses[-1] == addresses[-2] == addresses[-3]  # replays 2-4: the graph's tensors
+    assert vi._graphs.replays == 4
+    (loss_a, params_a, grads_a, acc_a), (loss_b, params_b, grads_b, acc_b) = runs
+    assert torch.equal(loss_a, loss_b)
+    for a, b in zip(params_a + grads_a, params_b + grads_b, strict=True):
+        assert torch.equal(a, b), float((a - b).abs().max())
+    assert torch.equal(acc_a, acc_b) and acc_a.abs().sum() > 0
 
 
 @pytest.mark.parametrize("weight_noise", NOISE)

@@ -631,8 +631,18 @@ def test_step_key_follows_what_a_replay_reads():
     vi.num_data = 1000
     assert key() != first
     vi.num_data = None
+    given = frozenset(map(id, params[:1]))
+    with_given = vi._step_key(x, y, params, None, True, given)
     params[0].grad = torch.zeros_like(params[0])  # a gradient at a new address
     assert key() != first
+    # unless the step gives that gradient itself (written, not read): the optimizer's part too
+    assert vi._step_key(x, y, params, None, True, given) == with_given
+    adam = torch.optim.Adam(params, capturable=True)
+    before = vi._step_key(x, y, params, adam, True, given)
+    params[0].grad = torch.zeros_like(params[0])
+    assert vi._step_key(x, y, params, adam, True, given) == before
+    params[1].grad = torch.zeros_like(params[1])
+    assert vi._step_key(x, y, params, adam, True, given) != before
 
 
 def test_param_store_round_trip():

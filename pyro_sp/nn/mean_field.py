@@ -37,6 +37,14 @@ _PRECISIONS = ("fp32", "bf16")
 _WEIGHT_NOISE = ("stored", "regenerated")
 
 
+def _as_grad(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``g`` as ``p``'s ``.grad``: itself where it has ``p``'s strides, else a copy with them (as
+    ``backward`` keeps a gradient: ``torch.autograd``'s layout contract)."""
+    if g.stride() == p.stride():
+        return g
+    return torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=p.device).copy_(g)
+
+
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
 
@@ -624,15 +632,25 @@ class MeanFieldVI(torch.nn.Module):
 
     def _graph_step(self, optimizer, x, y) -> torch.Tensor:
         """One step (``optimizer`` given: with the zeroing and the update) replayed from a CUDA graph
-        (:mod:`~pyro_sp.nn.step_graph`); one process, so no collective and no guard."""
+        (:mod:`~pyro_sp.nn.step_graph`); one process, so no collective and no guard.
+
+        With an optimizer the step's gradients start from zero, so the graph does not zero
+        ``.grad`` and add into it: the gradients of the optimizer's parameters are the graph's own
+        tensors, put in ``.grad`` after each replay (what the step without a graph computes as
+        :math:`0 + g`). The optimizer's other gradients are zeroed; a parameter outside the
+        optimizer accumulates, as ``backward`` makes it."""
         if self._loss_fn is None:
             self._setup(x, y)
         params = [p for p in self.posterior.trainable() if p.requires_grad]
+        owned = frozenset() if optimizer is None else frozenset(
+            id(p) for g in optimizer.param_groups for p in g["params"])
         created = set()
-        for p in params:  # the graph adds into .grad in place, at a fixed address
-            if p.grad is None and id(p) not in self._no_gradient:
+        for p in params:  # added into in place: at a fixed address
+            if p.grad is None and id(p) not in self._no_gradient and id(p) not in owned:
                 p.grad = torch.zeros_like(p)
                 created.add(id(p))
+        # the gradients the graph gives (known once the loss ran: a parameter may get none)
+        given = frozenset(id(p) for p in params if id(p) in owned and id(p) not in self._no_gradient)
         # the update is in the graph unless it is not capturable or the loss is checked before it
         in_graph = optimizer is not None and capturable(optimizer) and self.check != "always"
         if optimizer is not None and not capturable(optimizer) and not self._warned_optimizer:
@@ -643,38 +661,51 @@ class MeanFieldVI(torch.nn.Module):
                 "optimizer (torch.optim.Adam(..., capturable=True)) to replay it in the graph too.",
                 stacklevel=3,
             )
-        key = self._step_key(x, y, params, optimizer if in_graph else None, optimizer is not None)
+        key = self._step_key(x, y, params, optimizer if in_graph else None, optimizer is not None, given)
 
         def body(x, y):
-            if in_graph:
-                optimizer.zero_grad(set_to_none=False)
             local = self._call_loss(x, y)
             grads = torch.autograd.grad(local, params, allow_unused=True)
+            gives = []  # (parameter, its gradient): put in .grad after every run of the step
             for p, g in zip(params, grads):
-                if g is not None:
-                    p.grad.add_(g)
-                elif id(p) in created:  # no gradient from the loss: left without one, as backward leaves it
+                if g is None:  # no gradient from the loss: left without one, as backward leaves it
                     self._no_gradient.add(id(p))
-                    p.grad = None
-            if in_graph:
+                    if id(p) in created:
+                        p.grad = None
+                elif id(p) in owned:
+                    gives.append((p, _as_grad(g, p)))
+                else:
+                    p.grad.add_(g)
+            if in_graph:  # what zero_grad leaves of the optimizer's other gradients
+                written = {id(p) for p, _ in gives}
+                others = [q.grad for group in optimizer.param_groups for q in group["params"]
+                          if q.grad is not None and id(q) not in written]
+                if others:
+                    torch._foreach_zero_(others)
+                for p, g in gives:
+                    p.grad = g
                 optimizer.step()
-            return local
+            return local, tuple(gives)
 
         if optimizer is not None and not in_graph:
             optimizer.zero_grad(set_to_none=False)
-        loss = self._graphs.run(key, body, (x, y), self._stream_seed("step", self._steps),
-                                lambda: self._rng("step"))
+        loss, gives = self._graphs.run(key, body, (x, y), self._stream_seed("step", self._steps),
+                                       lambda: self._rng("step"))
+        for p, g in gives:
+            p.grad = g
         self._steps += 1
         self._check_finite(loss)  # before the update, as without graphs
         if optimizer is not None and not in_graph:
             optimizer.step()
         return loss
 
-    def _step_key(self, x, y, params, in_graph_optimizer, zeroes: bool) -> tuple:
+    def _step_key(self, x, y, params, in_graph_optimizer, zeroes: bool, given: frozenset = frozenset()) -> tuple:
         """What a replayed step would read at a stale address or with a stale value
-        (:mod:`~pyro_sp.nn.step_graph`): a graph is kept per key."""
-        return (tensors_key([x, y], addresses=False), tensors_key(params), tensors_key([p.grad for p in params]),
-                optimizer_key(in_graph_optimizer), zeroes, tuple(m.training for m in self.modules()),
+        (:mod:`~pyro_sp.nn.step_graph`): a graph is kept per key. The gradients the step gives
+        (``given``, by ``id`` of their parameters) are written, not read: not in the key."""
+        return (tensors_key([x, y], addresses=False), tensors_key(params),
+                tensors_key([None if id(p) in given else p.grad for p in params]),
+                optimizer_key(in_graph_optimizer, given), zeroes, tuple(m.training for m in self.modules()),
                 self._read_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.is_autocast_enabled("cuda"),
                 torch.get_autocast_dtype("cuda"), self.num_local, self.num_data, self.kl, self.precision)
 

@@ -385,22 +385,23 @@ def _weight_grads(k, gy, x, seeds, shared, precision) -> tuple[torch.Tensor, tor
 
 def _weight_products(gy, x, shared, precision, dtype) -> torch.Tensor:
     r""":math:`P_n = G_n^\top x_n`, ``(C, O, K)`` in ``dtype``, for ``gy`` ``(C, M, O)`` and ``x``
-    ``(C, M, K)`` or, ``shared``, ``(M, K)`` (then one ``(C O, M) @ (M, K)`` product), with the inputs
-    in the ``precision`` the forward kernel multiplied them in."""
-    C, M, O = gy.shape
+    ``(C, M, K)`` or, ``shared``, ``(M, K)``, with the inputs in the ``precision`` the forward kernel
+    multiplied them in. One batched product: :math:`G_n^\top` read transposed where it lies, and a
+    shared input as a batch of stride 0 (folding the particles into one ``(C O, M) @ (M, K)`` product
+    would copy :math:`G^\top` first, since its rows are not evenly spaced)."""
     gt = gy.transpose(1, 2)
     if precision == "bf16_emulated":  # bf16 inputs, fp32 products (exact) and sums: the same numbers
         gt, x = gt.to(torch.bfloat16).to(dtype), x.to(torch.bfloat16).to(dtype)
-
-    def product(a, b):
-        if precision == "bf16":
-            return _bf16_product(a.to(torch.bfloat16), b.to(torch.bfloat16))
-        with _blas_precision(precision):
-            return (torch.bmm if a.dim() == 3 else torch.mm)(a, b.to(a.dtype))
-
-    if shared:
-        return product(gt.reshape(C * O, M), x).view(C, O, -1)
-    return product(gt, x)
+    elif precision == "bf16":
+        gt, x = gt.to(torch.bfloat16), x.to(torch.bfloat16)
+    else:
+        x = x.to(gt.dtype)
+    if shared:  # converted before it is expanded: a conversion would write each particle's copy
+        x = x.expand(gt.shape[0], *x.shape)
+    if precision == "bf16":
+        return _bf16_product(gt, x)
+    with _blas_precision(precision):
+        return torch.bmm(gt, x)
 
 
 #: whether torch's mm/bmm take ``out_dtype`` (bf16 inputs, fp32 output; CUDA, recent torch)

@@ -2,8 +2,8 @@
 r"""
 A training step captured as one CUDA graph and replayed (``MeanFieldVI(cuda_graphs=True)``).
 
-The step's device work (zeroing the gradients, the compiled loss and its backward, the
-gradients added into ``.grad``, a capturable optimizer's update) is recorded once and
+The step's device work (the compiled loss and its backward, the gradients, a capturable
+optimizer's update) is recorded once and
 replayed with one launch, so the host neither launches its kernels one by one nor
 waits between them. A replay computes exactly what running the step does:
 
@@ -15,13 +15,18 @@ waits between them. A replay computes exactly what running the step does:
   Philox :math:`(s_t, 0)`, as the step run without a graph does.
 - **The same memory and settings.** A graph reads and writes fixed addresses and holds
   the values the host passed its kernels at capture. The inputs are copied into its
-  buffers; the owner's key holds the address of every parameter and gradient (the
-  optimizer's too) and of every optimizer state tensor; the optimizer's hyperparameters
+  buffers; the owner's key holds the address of every parameter and of every gradient
+  the step reads (the optimizer's too) and of every optimizer state tensor; the optimizer's hyperparameters
   (by value, except a CUDA tensor, which the kernels read and is kept by identity: a
   float learning rate set anew is a new key, a CUDA tensor one updated in place is
   not); the inputs' shapes, strides, dtypes and devices; the modules' training flags;
   torch's fp32 matmul and cuDNN TF32 settings and autocast; the estimator's settings. A
   new key runs the step without a graph once, and is captured on its next step.
+- **Gradients given, not added.** A step that starts from zero gradients (an optimizer
+  step) does not zero ``.grad`` and add into it: the graph's own gradient tensors are
+  put in ``.grad`` after each replay, and every replay writes them again, as the whole-
+  network example of PyTorch's CUDA-graph notes does (two passes over the gradients
+  saved, three kernels' worth: a zeroing and an addition).
 
 The graphs of one owner share one memory pool (they replay one at a time), and at most
 :data:`CAPACITY` are kept, the least recently used dropped first.
@@ -62,14 +67,16 @@ def _value(v):
     return v
 
 
-def optimizer_key(optimizer) -> tuple:
+def optimizer_key(optimizer, given: frozenset = frozenset()) -> tuple:
     """The optimizer's part of a step's key: its identity, each group's hyperparameters (in the
     group's order), the address of each of its parameters and of their gradients (its update
-    and zeroing write every one, the owner's or not; a missing gradient is skipped), and the
-    address of each state tensor. Cheap: it is built on the host before every step."""
+    and zeroing read and write every one, the owner's or not; a missing gradient is skipped, and
+    so is the gradient of a parameter whose ``id`` is in ``given``: the step itself gives it),
+    and the address of each state tensor. Cheap: it is built on the host before every step."""
     if optimizer is None:
         return ()
-    groups = tuple((tuple((id(p), p.data_ptr(), None if p.grad is None else p.grad.data_ptr()) for p in g["params"]),
+    groups = tuple((tuple((id(p), p.data_ptr(), None if p.grad is None or id(p) in given else p.grad.data_ptr())
+                          for p in g["params"]),
                     tuple(_value(v) for k, v in g.items() if k != "params"))
                    for g in optimizer.param_groups)
     state = tuple(v.data_ptr() if isinstance(v, torch.Tensor) else v
@@ -105,6 +112,7 @@ class _Entry:
     graph: torch.cuda.CUDAGraph
     inputs: tuple[torch.Tensor, ...]
     output: torch.Tensor
+    gives: object
 
 
 class StepGraphs:
@@ -123,24 +131,27 @@ class StepGraphs:
         self.captures = 0  #: graphs captured so far
         self.replays = 0  #: steps replayed so far
 
-    def run(self, key: tuple, body: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], seed: int,
-            eager_rng: Callable[[], contextlib.AbstractContextManager]) -> torch.Tensor:
+    def run(self, key: tuple, body: Callable[..., tuple], inputs: tuple[torch.Tensor, ...], seed: int,
+            eager_rng: Callable[[], contextlib.AbstractContextManager]) -> tuple[torch.Tensor, object]:
         """
-        One step: ``body(*inputs)`` returns the step's 0-d loss and does the rest of its work on
-        the device without reading any value on the host.
+        One step: ``body(*inputs)`` returns the step's 0-d loss and what it *gives* (for
+        ``MeanFieldVI``, the gradients it leaves in ``.grad``, with their parameters), and does the
+        rest of its work on the device without reading any value on the host.
 
         A key seen for the first time runs ``body`` now inside ``eager_rng()`` (the step's
         random stream, installed as it is without graphs); the next step with that key captures
         it; later ones replay it, the generator seeded with ``seed`` (the same stream).
 
-        :returns: the step's loss, a tensor of its own.
+        :returns: the step's loss, a tensor of its own, and what the step gives: from a replay,
+            what the capture gave, whose tensors every replay writes again (kept alive with the
+            graph; the owner puts them back where the step would have left them).
         """
         entry = self._entries.get(key)
         if entry is None and key != self._last_eager:
             with eager_rng():
-                loss = body(*inputs).detach()
+                loss, gives = body(*inputs)
             self._last_eager = key  # ran (compiled, autotuned): captured the next time
-            return loss
+            return loss.detach(), gives
         device = inputs[0].device
         if entry is None:
             entry = self._capture(key, body, inputs)
@@ -152,7 +163,7 @@ class StepGraphs:
         with seeded(device, seed):
             entry.graph.replay()
         self.replays += 1
-        return entry.output.clone()
+        return entry.output.clone(), entry.gives
 
     def _capture(self, key, body, inputs) -> _Entry:
         device = inputs[0].device
@@ -166,7 +177,8 @@ class StepGraphs:
         self._stream.wait_stream(torch.cuda.current_stream(device))
         try:
             with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
-                output = body(*buffers).detach()
+                output, gives = body(*buffers)
+                output = output.detach()
         except Exception as e:
             raise RuntimeError(
                 f"{self.owner} could not capture its step as a CUDA graph: {type(e).__name__}: {e}. The step "
@@ -174,6 +186,6 @@ class StepGraphs:
                 f"on the host and never leaves the device. Pass {self.owner}(..., cuda_graphs=False)."
             ) from e
         torch.cuda.current_stream(device).wait_stream(self._stream)
-        self._entries[key] = entry = _Entry(graph, buffers, output)
+        self._entries[key] = entry = _Entry(graph, buffers, output, gives)
         self.captures += 1
         return entry
