@@ -3,9 +3,9 @@ r"""
 A training step captured as one CUDA graph and replayed (``MeanFieldVI(cuda_graphs=True)``).
 
 The step's device work (the compiled loss and its backward, the gradients, a capturable
-optimizer's update) is recorded once and
-replayed with one launch, so the host neither launches its kernels one by one nor
-waits between them. A replay computes exactly what running the step does:
+optimizer's update) is recorded once and replayed with one launch, so the host neither
+launches its kernels one by one nor waits between them. A replay computes exactly what
+running the step does:
 
 - **The same kernels.** The step ran once with the same *key* before it is captured
   (compiling and autotuning happen there), and the capture records those kernels.
@@ -15,18 +15,19 @@ waits between them. A replay computes exactly what running the step does:
   Philox :math:`(s_t, 0)`, as the step run without a graph does.
 - **The same memory and settings.** A graph reads and writes fixed addresses and holds
   the values the host passed its kernels at capture. The inputs are copied into its
-  buffers; the owner's key holds the address of every parameter and of every gradient
-  the step reads (the optimizer's too) and of every optimizer state tensor; the optimizer's hyperparameters
-  (by value, except a CUDA tensor, which the kernels read and is kept by identity: a
-  float learning rate set anew is a new key, a CUDA tensor one updated in place is
-  not); the inputs' shapes, strides, dtypes and devices; the modules' training flags;
-  torch's fp32 matmul and cuDNN TF32 settings and autocast; the estimator's settings. A
-  new key runs the step without a graph once, and is captured on its next step.
+  buffers; the owner's key holds the address of every parameter, of every gradient the
+  step reads (the optimizer's too) and of every optimizer state tensor; the optimizer's
+  hyperparameters (by value, except a CUDA tensor, which the kernels read and is kept by
+  identity: a float learning rate set anew is a new key, a CUDA tensor one updated in
+  place is not); the inputs' shapes, strides, dtypes and devices; the modules' training
+  flags; torch's fp32 matmul and cuDNN TF32 settings and autocast; the estimator's
+  settings. A new key runs the step without a graph once, and is captured on its next
+  step.
 - **Gradients given, not added.** A step that starts from zero gradients (an optimizer
   step) does not zero ``.grad`` and add into it: the graph's own gradient tensors are
   put in ``.grad`` after each replay, and every replay writes them again, as the whole-
-  network example of PyTorch's CUDA-graph notes does (two passes over the gradients
-  saved, three kernels' worth: a zeroing and an addition).
+  network example of PyTorch's CUDA-graph notes does: a zeroing and an addition saved,
+  four passes over the gradients.
 
 The graphs of one owner share one memory pool (they replay one at a time), and at most
 :data:`CAPACITY` are kept, the least recently used dropped first.
