@@ -144,8 +144,11 @@ def test_gradients_given_by_the_graph():
             assert torch.equal(extra.grad, torch.zeros_like(extra))
         runs.append((torch.stack(losses), [p.detach().clone() for p in _params(vi)],
                      [p.grad.clone() for p in _params(vi)], left_out.grad.clone()))
-    assert addresses[-1] == addresses[-2] == addresses[-3]  # replays 2-4: the graph's tensors
+    # eager steps 1-2, then the graph's own tensors, the same ones replay after replay
+    assert addresses[2] == addresses[3] == addresses[4] == addresses[5] != addresses[1]
     assert vi._graphs.replays == 4
+    (entry,) = vi._graphs._entries.values()
+    assert [p for p, _ in entry.gives] == held and all(p.grad is g for p, g in entry.gives)
     (loss_a, params_a, grads_a, acc_a), (loss_b, params_b, grads_b, acc_b) = runs
     assert torch.equal(loss_a, loss_b)
     for a, b in zip(params_a + grads_a, params_b + grads_b, strict=True):

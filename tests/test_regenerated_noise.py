@@ -328,7 +328,7 @@ def test_one_chunk_of_products_alive_at_a_time(monkeypatch):
 
 def test_bf16_weight_products_without_out_dtype(monkeypatch):
     """Where torch's mm/bmm take no ``out_dtype`` (older torch), the bf16 weight-gradient products
-    are TF32 products of the same bf16 values: the same numbers."""
+    are TF32 products of the same bf16 values: the same numbers; a shared input is converted once."""
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(3, 5, 6, generator=g).bfloat16(), torch.randn(3, 6, 7, generator=g).bfloat16()
     real = torch.bmm
@@ -343,6 +343,11 @@ def test_bf16_weight_products_without_out_dtype(monkeypatch):
     p = rn._bf16_product(a, b)
     assert rn._OUT_DTYPE is False and p.dtype == torch.float32
     assert_close(p, a.double() @ b.double(), rtol=1e-6, atol=1e-6)
+    seen = []
+    monkeypatch.setattr(torch, "bmm", lambda x, y: seen.append(y.stride()) or real(x, y))
+    shared = b[0].expand(3, 6, 7)  # a shared input: converted once, still a batch of stride 0
+    assert_close(rn._bf16_product(a, shared), a.double() @ shared.double(), rtol=1e-6, atol=1e-6)
+    assert seen == [(0, 7, 1)]
 
 
 def test_fp32_setting_read_and_restored_in_either_api():

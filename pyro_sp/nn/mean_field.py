@@ -45,6 +45,11 @@ def _as_grad(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=p.device).copy_(g)
 
 
+def _zero(tensors: list[torch.Tensor]) -> None:
+    if tensors:
+        torch._foreach_zero_(tensors)
+
+
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
 
@@ -637,8 +642,9 @@ class MeanFieldVI(torch.nn.Module):
         With an optimizer the step's gradients start from zero, so the graph does not zero
         ``.grad`` and add into it: the gradients of the optimizer's parameters are the graph's own
         tensors, put in ``.grad`` after each replay (what the step without a graph computes as
-        :math:`0 + g`). The optimizer's other gradients are zeroed; a parameter outside the
-        optimizer accumulates, as ``backward`` makes it."""
+        :math:`0 + g`; a replay writes them again, so ``.grad`` is not updated in place, and each
+        kept graph holds a set of them). The optimizer's other gradients are zeroed; a parameter
+        outside the optimizer accumulates, as ``backward`` makes it."""
         if self._loss_fn is None:
             self._setup(x, y)
         params = [p for p in self.posterior.trainable() if p.requires_grad]
@@ -676,21 +682,28 @@ class MeanFieldVI(torch.nn.Module):
                     gives.append((p, _as_grad(g, p)))
                 else:
                     p.grad.add_(g)
-            if in_graph:  # what zero_grad leaves of the optimizer's other gradients
+            if optimizer is not None:  # what zero_grad leaves of the optimizer's other gradients: all
+                # of them with the update in the graph; else those expected to be given (the rest: below)
                 written = {id(p) for p, _ in gives}
-                others = [q.grad for group in optimizer.param_groups for q in group["params"]
-                          if q.grad is not None and id(q) not in written]
-                if others:
-                    torch._foreach_zero_(others)
+                _zero([q.grad for group in optimizer.param_groups for q in group["params"]
+                       if q.grad is not None and id(q) not in written and (in_graph or id(q) in given)])
+            if in_graph:
                 for p, g in gives:
                     p.grad = g
                 optimizer.step()
             return local, tuple(gives)
 
-        if optimizer is not None and not in_graph:
-            optimizer.zero_grad(set_to_none=False)
-        loss, gives = self._graphs.run(key, body, (x, y), self._stream_seed("step", self._steps),
-                                       lambda: self._rng("step"))
+        if optimizer is not None and not in_graph:  # the gradients the graph does not give
+            _zero([q.grad for group in optimizer.param_groups for q in group["params"]
+                   if q.grad is not None and id(q) not in given])
+        before = [(p, p.grad) for p in params]
+        try:
+            loss, gives = self._graphs.run(key, body, (x, y), self._stream_seed("step", self._steps),
+                                           lambda: self._rng("step"))
+        except BaseException:  # e.g. a failed capture, which ran nothing: .grad as it was
+            for p, g in before:
+                p.grad = g
+            raise
         for p, g in gives:
             p.grad = g
         self._steps += 1

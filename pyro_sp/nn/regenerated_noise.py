@@ -419,8 +419,12 @@ def _bf16_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             return op(a, b, out_dtype=torch.float32)
         except TypeError:  # older torch: no out_dtype
             _OUT_DTYPE = False
+    if b.dim() == 3 and b.stride(0) == 0:  # a shared input: converted once, not once per particle
+        b = b[0].float().expand(b.shape)
+    else:
+        b = b.float()
     with _blas_precision("tf32"):
-        return op(a.float(), b.float())
+        return op(a.float(), b)
 
 
 @contextlib.contextmanager
