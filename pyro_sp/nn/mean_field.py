@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Callable
 
 import pyro
 import torch
@@ -45,9 +46,13 @@ def _as_grad(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device=p.device).copy_(g)
 
 
-def _zero(tensors: list[torch.Tensor]) -> None:
-    if tensors:
-        torch._foreach_zero_(tensors)
+def _zero_grads(optimizer, zeroed: Callable[[int], bool]) -> None:
+    """Zero in place the gradients of ``optimizer``'s parameters whose ``id`` ``zeroed`` picks
+    (``zero_grad(set_to_none=False)`` for some of them)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+             if p.grad is not None and zeroed(id(p))]
+    if grads:
+        torch._foreach_zero_(grads)
 
 
 def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -300,9 +305,10 @@ class MeanFieldVI(torch.nn.Module):
         ``split_compiled_graph=True``).
     :param bool cuda_graphs: with ``compile=True``, CUDA parameters and a one-process
         mesh, replay each training step as one CUDA graph
-        (:mod:`~pyro_sp.nn.step_graph`): :meth:`step` records the zeroing of the
-        gradients, the compiled loss and backward, and the optimizer's update when it is
-        capturable (``torch.optim.Adam(..., capturable=True)``; otherwise, or with
+        (:mod:`~pyro_sp.nn.step_graph`): :meth:`step` records the compiled loss and
+        backward, its gradients (the graph's own tensors, put in the optimizer's ``.grad``
+        after each replay instead of zeroing and adding into them), and the optimizer's
+        update when it is capturable (``torch.optim.Adam(..., capturable=True)``; otherwise, or with
         ``check="always"``, the update runs after the graph), and replays them with one
         launch. :meth:`loss_and_backward` records the loss and backward. The same kernels,
         noise and arithmetic as the compiled step without graphs: a step's key (input
@@ -685,8 +691,7 @@ class MeanFieldVI(torch.nn.Module):
             if optimizer is not None:  # what zero_grad leaves of the optimizer's other gradients: all
                 # of them with the update in the graph; else those expected to be given (the rest: below)
                 written = {id(p) for p, _ in gives}
-                _zero([q.grad for group in optimizer.param_groups for q in group["params"]
-                       if q.grad is not None and id(q) not in written and (in_graph or id(q) in given)])
+                _zero_grads(optimizer, lambda i: i not in written and (in_graph or i in given))
             if in_graph:
                 for p, g in gives:
                     p.grad = g
@@ -694,8 +699,7 @@ class MeanFieldVI(torch.nn.Module):
             return local, tuple(gives)
 
         if optimizer is not None and not in_graph:  # the gradients the graph does not give
-            _zero([q.grad for group in optimizer.param_groups for q in group["params"]
-                   if q.grad is not None and id(q) not in given])
+            _zero_grads(optimizer, lambda i: i not in given)
         before = [(p, p.grad) for p in params]
         try:
             loss, gives = self._graphs.run(key, body, (x, y), self._stream_seed("step", self._steps),

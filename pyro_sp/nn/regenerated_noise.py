@@ -404,27 +404,24 @@ def _weight_products(gy, x, shared, precision, dtype) -> torch.Tensor:
         return torch.bmm(gt, x)
 
 
-#: whether torch's mm/bmm take ``out_dtype`` (bf16 inputs, fp32 output; CUDA, recent torch)
+#: whether torch's bmm takes ``out_dtype`` (bf16 inputs, fp32 output; CUDA, recent torch)
 _OUT_DTYPE = True
 
 
 def _bf16_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` (batched for 3-d) of bf16 tensors, accumulated and returned in fp32: by the bf16
-    BLAS with ``out_dtype``, or, where torch has no ``out_dtype``, as TF32 products of the same bf16
-    values (exact in TF32, whose 10-bit mantissa holds bf16's 7: the same numbers, slower)."""
+    """``torch.bmm(a, b)`` of bf16 tensors, accumulated and returned in fp32: by the bf16 BLAS with
+    ``out_dtype``, or, where torch has no ``out_dtype``, as TF32 products of the same bf16 values
+    (exact in TF32, whose 10-bit mantissa holds bf16's 7: the same numbers, slower)."""
     global _OUT_DTYPE
-    op = torch.bmm if a.dim() == 3 else torch.mm
     if _OUT_DTYPE:
         try:
-            return op(a, b, out_dtype=torch.float32)
+            return torch.bmm(a, b, out_dtype=torch.float32)
         except TypeError:  # older torch: no out_dtype
             _OUT_DTYPE = False
-    if b.dim() == 3 and b.stride(0) == 0:  # a shared input: converted once, not once per particle
-        b = b[0].float().expand(b.shape)
-    else:
-        b = b.float()
+    # a shared input (batch stride 0) converted once, not once per particle
+    b = b[0].float().expand(b.shape) if b.stride(0) == 0 else b.float()
     with _blas_precision("tf32"):
-        return op(a.float(), b)
+        return torch.bmm(a.float(), b)
 
 
 @contextlib.contextmanager
