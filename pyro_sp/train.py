@@ -91,6 +91,15 @@ def fit(
     A non-finite loss stops every rank (the loss is the same on all of them)
     with :class:`FloatingPointError` naming the step.
 
+    A step that returns its loss as a CUDA tensor (e.g. :meth:`MeanFieldVI.step
+    <pyro_sp.nn.MeanFieldVI.step>`) is read one step late: the loss is copied to pinned host
+    memory behind the step, and the host reads it after queuing the next step, so that the
+    device does not wait for the host (logging, the progress bar, the next batch) between
+    steps. A non-finite loss at step :math:`t` is then raised after step :math:`t + 1` has run,
+    on every rank, naming step :math:`t`. A step that writes a checkpoint or calls ``on_step``
+    reads its own loss first, so those see a checked step and nothing queued after it. A loss
+    returned as a float or a CPU tensor (an ``SVI``) is read at once.
+
     :param step: an ``SVI``, or a callable taking a batch and returning its loss.
     :param dict objects: objects equal on every rank to checkpoint, by name
         (``state_dict`` / ``load_state_dict``; see :func:`~pyro_sp.save_checkpoint`).
@@ -121,6 +130,25 @@ def fit(
                unit="step")
     loss, start, count = float("nan"), time.perf_counter(), done
     primed = svi is None or not resume
+    pending = None  # (step, epoch, LossReading) of the last step whose loss is not read yet
+
+    def settle() -> None:
+        nonlocal loss, pending
+        n, ep, reading = pending
+        pending = None
+        loss = reading.value()
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"The loss is {loss} at step {n} (epoch {ep}); every rank stops here. "
+                "Lower the learning rate or check the model."
+            )
+        elapsed = time.perf_counter() - start
+        rate = (n - done) / elapsed if elapsed > 0 else 0.0
+        log.write(step=n, epoch=ep, loss=loss, steps_per_second=rate)
+        log.scalar("loss", loss, n)
+        bar.set_postfix(loss=f"{loss:.4g}", steps_s=f"{rate:.1f}")
+        bar.update(1)
+
     while count < total:
         epoch, offset = divmod(count, per_epoch)
         sampler.set_epoch(epoch)
@@ -131,27 +159,56 @@ def fit(
             if not primed:
                 prime(svi.model, svi.guide, args, elbo=elbo)
                 primed = True
-            loss = float(step(*args))
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"The loss is {loss} at step {count + 1} (epoch {epoch}); every rank stops here. "
-                    "Lower the learning rate or check the model."
-                )
+            reading = _LossReading(step(*args))
             count += 1
-            elapsed = time.perf_counter() - start
-            rate = (count - done) / elapsed if elapsed > 0 else 0.0
-            log.write(step=count, epoch=epoch, loss=loss, steps_per_second=rate)
-            log.scalar("loss", loss, count)
-            bar.set_postfix(loss=f"{loss:.4g}", steps_s=f"{rate:.1f}")
-            bar.update(1)
-            if checkpoint and checkpoint_every and count % checkpoint_every == 0:
+            if pending is not None:  # the step before: read while the device runs this one
+                settle()
+            pending = (count, epoch, reading)
+            due = bool(checkpoint and checkpoint_every and count % checkpoint_every == 0)
+            if reading.ready or due or on_step is not None:
+                settle()  # a checkpoint or on_step sees this step's state, its loss checked first
+            if due:
                 save_checkpoint(checkpoint, mesh=mesh, step=count, epoch=epoch, **state)
             if on_step is not None:  # after the checkpoint of this step
                 on_step(count)
+    if pending is not None:
+        settle()
     bar.close()
     if checkpoint:
         save_checkpoint(checkpoint, mesh=mesh, step=count, epoch=epochs, **state)
     return {"step": count, "loss": loss, "seconds": time.perf_counter() - start, "resumed_from": resumed_from}
+
+
+class _LossReading:
+    """
+    One step's loss, read from the device without waiting for the steps queued after it.
+
+    A CUDA tensor is copied into pinned host memory behind the step that made it
+    (``non_blocking``), and a CUDA event marks the copy's end: :meth:`value` waits on that event
+    only, whereas ``float()`` of a CUDA tensor waits for everything queued on its stream, the
+    next step included. Anything else (a float, a CPU tensor) is read at once (``ready``).
+    """
+
+    def __init__(self, loss) -> None:
+        self._event = None
+        if isinstance(loss, torch.Tensor) and loss.is_cuda:
+            self._host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=True)
+            self._host.copy_(loss.detach(), non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(loss.device))
+        else:
+            self._value = float(loss)
+
+    @property
+    def ready(self) -> bool:
+        """The value is on the host already (nothing to wait for)."""
+        return self._event is None
+
+    def value(self) -> float:
+        if self._event is not None:
+            self._event.synchronize()
+            self._value, self._event = float(self._host), None
+        return self._value
 
 
 def _is_svi(step) -> bool:
