@@ -84,6 +84,8 @@ REGENERATED_VARIANTS = ("fused_regenerated", "fused_regenerated_bf16", "fused_re
 GRAPH_VARIANTS = ("fused_analytic_graphs", "fused_regenerated_graphs", "fused_regenerated_bf16_graphs")
 VARIANTS = DEFAULT_VARIANTS + ("pyro_primitives", "pyro_sp_primitives") + COMPILED_VARIANTS + LAYER_VARIANTS + (
     "fused_bf16",) + REGENERATED_VARIANTS + GRAPH_VARIANTS
+#: The variants that are a :class:`~pyro_sp.nn.MeanFieldVI` (:func:`mean_field`).
+MEAN_FIELD_VARIANTS = tuple(v for v in VARIANTS if v.startswith("fused"))
 #: Steps recorded after the timed ones (``scaling``) for the collectives per step.
 RECORDED_STEPS = 3
 
@@ -141,6 +143,16 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None, fused_adam
         return lambda: svi.step(x, y)
     if variant not in VARIANTS:
         raise ValueError(f"Expected a variant in {VARIANTS}, got {variant!r}.")
+    vi, optim = mean_field(variant, bnn, num_particles, x.device, mesh, fused_adam)
+    return lambda: vi.step(optim, x, y)
+
+
+def mean_field(variant: str, bnn: BayesianModule, num_particles: int, device, mesh=None, fused_adam: bool = False):
+    """``(vi, optimizer)``: the :class:`~pyro_sp.nn.MeanFieldVI` of a ``fused*`` ``variant`` on
+    ``device`` and its ``torch.optim.Adam`` (capturable with graphs: the update is replayed in the
+    step's graph)."""
+    if variant not in MEAN_FIELD_VARIANTS:
+        raise ValueError(f"Expected a MeanFieldVI variant in {MEAN_FIELD_VARIANTS}, got {variant!r}.")
     graphs = variant in GRAPH_VARIANTS
     base = variant.removesuffix("_graphs")
     estimator = base[len("fused_"):] if base in LAYER_VARIANTS else "exact"
@@ -151,11 +163,11 @@ def make_step(variant: str, net, x, y, num_particles: int, mesh=None, fused_adam
         precision="bf16" if base.endswith("bf16") else "fp32",
         weight_noise="regenerated" if base in REGENERATED_VARIANTS else "stored",
         compile=not base.endswith("eager"), split_compiled_graph=base == "fused_split", cuda_graphs=graphs,
-    ).to(x.device)
+    ).to(device)
     # with graphs, the update is replayed in the step's graph (capturable: its step count on the device)
     optim = torch.optim.Adam([p for p in vi.parameters() if p.requires_grad], lr=1e-3, **_adam(fused_adam),
                              **({"capturable": True} if graphs else {}))
-    return lambda: vi.step(optim, x, y)
+    return vi, optim
 
 
 def _adam(fused: bool) -> dict:
