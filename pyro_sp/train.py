@@ -98,7 +98,10 @@ def fit(
     steps. A non-finite loss at step :math:`t` is then raised after step :math:`t + 1` has run,
     on every rank, naming step :math:`t`. A step that writes a checkpoint or calls ``on_step``
     reads its own loss first, so those see a checked step and nothing queued after it. A loss
-    returned as a float or a CPU tensor (an ``SVI``) is read at once.
+    returned as a float or a CPU tensor (an ``SVI``) is read at once. The gain needs a ``batch``
+    that does not wait for the device either: indexing a CUDA tensor with the sampler's CPU
+    indices, or ``.to(device)`` without ``non_blocking=True``, copies them with a synchronisation;
+    move the indices first with ``idx.to(device, non_blocking=True)``.
 
     :param step: an ``SVI``, or a callable taking a batch and returning its loss.
     :param dict objects: objects equal on every rank to checkpoint, by name
