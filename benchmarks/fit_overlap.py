@@ -4,7 +4,8 @@ late (fit's default for a CUDA loss) against every loss read as its step returns
 when it is given ``on_step``), beside the step alone (``pyro-sp bench gpu-single``'s
 synchronised and back-to-back times). The MLP 3072→2048→2048→10, batch 256, synthetic data
 (``steps`` distinct batches, on the device; the batch function moves the sampler's indices
-with ``non_blocking=True``, which does not wait for the device), TF32, fused Adam.
+through pinned memory with ``non_blocking=True``, which does not wait for the device), TF32,
+fused Adam.
 
     python benchmarks/fit_overlap.py --particles 32 --variant fused_regenerated_graphs --out fit_overlap.json
 
@@ -50,7 +51,7 @@ def main(argv=None) -> dict:
     sampler = ShardedBatchSampler(len(x), MLP_BATCH, mesh=mesh)
 
     def batch(idx):
-        idx = idx.to(device, non_blocking=True)
+        idx = idx.pin_memory().to(device, non_blocking=True)
         return x[idx], y[idx]
 
     def epoch(late: bool) -> float:

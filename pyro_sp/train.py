@@ -101,7 +101,10 @@ def fit(
     returned as a float or a CPU tensor (an ``SVI``) is read at once. The gain needs a ``batch``
     that does not wait for the device either: indexing a CUDA tensor with the sampler's CPU
     indices, or ``.to(device)`` without ``non_blocking=True``, copies them with a synchronisation;
-    move the indices first with ``idx.to(device, non_blocking=True)``.
+    move the indices first with ``idx.pin_memory().to(device, non_blocking=True)``. Every loss is
+    read as its step returns when any rank passes ``on_step``, and a step that synchronises
+    itself (``MeanFieldVI(check="always")``, a reduction that reads values on the host) gains
+    nothing.
 
     :param step: an ``SVI``, or a callable taking a batch and returning its loss.
     :param dict objects: objects equal on every rank to checkpoint, by name
@@ -134,6 +137,8 @@ def fit(
     loss, start, count = float("nan"), time.perf_counter(), done
     primed = svi is None or not resume
     pending = None  # (step, epoch, LossReading) of the last step whose loss is not read yet
+    # every loss read as its step returns if any rank has on_step: all ranks stop at the same step
+    at_once = _on_any_rank(on_step is not None, mesh)
 
     def settle() -> None:
         nonlocal loss, pending
@@ -158,17 +163,23 @@ def fit(
         for i, idx in enumerate(sampler):
             if i < offset:
                 continue
-            args = batch(idx)
-            if not primed:
-                prime(svi.model, svi.guide, args, elbo=elbo)
-                primed = True
-            reading = _LossReading(step(*args))
+            try:
+                args = batch(idx)
+                if not primed:
+                    prime(svi.model, svi.guide, args, elbo=elbo)
+                    primed = True
+                reading = _LossReading(step(*args))
+            except BaseException:
+                if pending is None:
+                    raise
+                settle()  # a non-finite loss before this step is the cause to report (every rank has it)
+                raise
             count += 1
             if pending is not None:  # the step before: read while the device runs this one
                 settle()
             pending = (count, epoch, reading)
             due = bool(checkpoint and checkpoint_every and count % checkpoint_every == 0)
-            if reading.ready or due or on_step is not None:
+            if reading.ready or due or at_once:
                 settle()  # a checkpoint or on_step sees this step's state, its loss checked first
             if due:
                 save_checkpoint(checkpoint, mesh=mesh, step=count, epoch=epoch, **state)
@@ -194,9 +205,14 @@ class _LossReading:
 
     def __init__(self, loss) -> None:
         self._event = None
+        if isinstance(loss, torch.Tensor) and loss.numel() != 1:
+            raise ValueError(f"Expected the step to return its loss as a float or a one-element tensor, "
+                             f"got a tensor of shape {tuple(loss.shape)}. Return the total loss (e.g. .sum()).")
         if isinstance(loss, torch.Tensor) and loss.is_cuda:
+            # the loss kept until read: its memory is not reused (on another stream) before the copy ran
+            self._loss = loss.detach()
             self._host = torch.empty(loss.shape, dtype=loss.dtype, pin_memory=True)
-            self._host.copy_(loss.detach(), non_blocking=True)
+            self._host.copy_(self._loss, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record(torch.cuda.current_stream(loss.device))
         else:
@@ -210,8 +226,17 @@ class _LossReading:
     def value(self) -> float:
         if self._event is not None:
             self._event.synchronize()
-            self._value, self._event = float(self._host), None
+            self._value, self._event, self._loss = float(self._host), None, None
         return self._value
+
+
+def _on_any_rank(flag: bool, mesh: SPMesh) -> bool:
+    """``flag`` or-ed over the ranks (a collective when distributed)."""
+    if not mesh.is_distributed:
+        return flag
+    flags = [None] * mesh.world_size
+    torch.distributed.all_gather_object(flags, flag)
+    return any(flags)
 
 
 def _is_svi(step) -> bool:

@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """``fit`` with a step that returns its loss as a CUDA tensor (skipped without a CUDA device): each
-loss is read one step late, and the log, the NaN stop, checkpoints and ``on_step`` are those of
-reading every loss at once."""
+loss is read one step late, while the device runs the next step, and the log, the NaN stop,
+checkpoints and ``on_step`` are those of reading every loss at once. Each step queues a sleep
+on the device, so that reading too early or waiting for too much shows."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from pyro_sp.train import MetricsLog, _LossReading, fit
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="reads a CUDA loss")
 
 STEPS = 12  # one epoch: 96 items in batches of 8
+SLEEP = 20_000_000  # device clock cycles a step sleeps before its work (about 10 ms)
 
 
-def _run(tmp_path, name, *, nan_at=None, checkpoint_every=0, on_step=None):
+def _run(tmp_path, name, *, nan_at=None, checkpoint_every=0, on_step=None, busy=None):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).cuda()
     vi = MeanFieldVI(BayesianModule(net), num_particles=4, num_data=96, seed=1)
@@ -34,10 +36,25 @@ def _run(tmp_path, name, *, nan_at=None, checkpoint_every=0, on_step=None):
     mesh = default_mesh()
     log = MetricsLog(str(tmp_path / f"{name}.jsonl"), mesh=mesh)
     checkpoint = str(tmp_path / f"{name}.pt") if checkpoint_every else None
-    objects = {"vi": vi, "optimizer": opt}
-    result = fit(lambda a, b: vi.step(opt, a, b), ShardedBatchSampler(96, 8, mesh=mesh, shuffle=False),
-                 lambda idx: (x[idx.cuda()], y[idx.cuda()]), epochs=1, mesh=mesh, log=log, progress=False,
-                 objects=objects, checkpoint=checkpoint, checkpoint_every=checkpoint_every, on_step=on_step)
+
+    ends = []  # an event after each step's work
+
+    def step(a, b):
+        if busy is not None and ends:  # does the device still run the step before, as this one is queued?
+            busy.append(not ends[-1].query())
+        torch.cuda._sleep(SLEEP)
+        loss = vi.step(opt, a, b)
+        ends.append(torch.cuda.Event())
+        ends[-1].record()
+        return loss
+
+    def batch(idx):  # without a synchronisation: pinned indices, copied behind the queued work
+        idx = idx.pin_memory().to("cuda", non_blocking=True)
+        return x[idx], y[idx]
+
+    result = fit(step, ShardedBatchSampler(96, 8, mesh=mesh, shuffle=False), batch, epochs=1, mesh=mesh,
+                 log=log, progress=False, objects={"vi": vi, "optimizer": opt}, checkpoint=checkpoint,
+                 checkpoint_every=checkpoint_every, on_step=on_step)
     return vi, result
 
 
@@ -47,18 +64,25 @@ def _records(tmp_path, name):
 
 
 def test_late_reads_log_what_each_step_returned(tmp_path):
-    vi, result = _run(tmp_path, "late")
-    returned = []
-    _run(tmp_path, "at_once", on_step=lambda n: returned.append(n))  # on_step: every loss read at once
+    busy = []
+    vi, result = _run(tmp_path, "late", busy=busy)
+    returned, idle = [], []
+    _run(tmp_path, "at_once", on_step=returned.append, busy=idle)  # with on_step, every loss is read at once
     late, at_once = _records(tmp_path, "late"), _records(tmp_path, "at_once")
     assert [r["step"] for r in late] == list(range(1, STEPS + 1)) == returned
     assert [r["loss"] for r in late] == [r["loss"] for r in at_once]  # bit for bit, same steps
     assert result["loss"] == late[-1]["loss"] and result["step"] == vi._steps == STEPS
+    # from step 3 on, each step was queued while the one before still ran: nothing waited for it (step 1
+    # synchronises itself: MeanFieldVI checks its first step on the host)
+    assert len(busy) == STEPS - 1 and all(busy[1:])
+    assert not any(idle)  # read at once, the device has finished each step before the next is queued
 
 
 def test_nan_names_its_step_after_the_next_one_ran(tmp_path):
+    runs = []
     with pytest.raises(FloatingPointError, match=r"The loss is nan at step 5 \(epoch 0\)"):
-        _run(tmp_path, "nan", nan_at=5)
+        _run(tmp_path, "nan", nan_at=5, busy=runs)
+    assert len(runs) == 5 and all(runs[1:])  # step 6 was queued while step 5 ran, before its loss was read
     assert [r["step"] for r in _records(tmp_path, "nan")] == [1, 2, 3, 4]
 
 
@@ -85,7 +109,10 @@ def test_reading_a_cuda_loss_waits_for_its_step_only():
     loss = torch.full((), 2.5, device="cuda")
     reading = _LossReading(loss)
     assert not reading.ready
-    loss.fill_(7.0)  # queued after the copy: not what the reading holds
+    torch.cuda._sleep(50 * SLEEP)  # queued after the copy: the reading does not wait for it
+    loss.fill_(7.0)  # and this is not what it holds
     assert reading.value() == 2.5
+    assert not torch.cuda.current_stream().query()  # the sleep still runs
+    torch.cuda.synchronize()
     cpu = _LossReading(torch.tensor(1.5))
     assert cpu.ready and cpu.value() == 1.5

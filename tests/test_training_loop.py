@@ -20,9 +20,11 @@ from pyro.infer import SVI
 from pyro.infer.autoguide import AutoNormal
 
 import pyro_sp
+from pyro_sp import train as train_module
+from pyro_sp.checkpoint import load_checkpoint
 from pyro_sp.cli import main as cli_main
 from pyro_sp.data import Augmenter, ShardedBatchSampler, load_digits, load_sunspots
-from pyro_sp.train import fit
+from pyro_sp.train import MetricsLog, fit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -246,6 +248,93 @@ def nan_training():
 def test_nan_loss_stops_every_rank(pools):
     for kind, msg, _ in pools(2).run_expecting_errors(nan_training).values():
         assert kind == "FloatingPointError" and "at step 1 (epoch 0)" in msg  # steps counted from 1, as MeanFieldVI and the metrics log count
+
+
+# ---- a loss read one step late (what fit does with a CUDA loss), on the CPU ---------------
+class LateReading(train_module._LossReading):
+    """A CPU loss read when asked rather than at once: fit's loop as it runs with a CUDA loss (the
+    device copy itself is tested in test_fit_on_cuda.py)."""
+
+    def __init__(self, loss) -> None:
+        self._event, self._loss = None, loss
+
+    @property
+    def ready(self) -> bool:
+        return False
+
+    def value(self) -> float:
+        return float(self._loss)
+
+
+def late_fit(losses, *, on_step_ranks=(), fail_at=None, checkpoint=None, checkpoint_every=0):
+    """fit over ``losses`` (one per step, the same on every rank, each step an all-reduce when
+    distributed: a mesh of sample groups) with every loss read late; ``on_step`` on ``on_step_ranks``;
+    step ``fail_at`` raises."""
+    mesh = pyro_sp.SPMesh(sample=tdist.get_world_size() if tdist.is_initialized() else 1)
+    calls, seen = [], []
+
+    def step(i):
+        calls.append(int(i))
+        if fail_at is not None and len(calls) == fail_at:
+            raise ValueError(f"step {fail_at} failed")
+        loss = torch.tensor(losses[len(calls) - 1])
+        if mesh.is_distributed:  # a collective in every step: a rank that goes on alone would wait here
+            tdist.all_reduce(loss, op=tdist.ReduceOp.MAX)
+        return loss
+
+    original, train_module._LossReading = train_module._LossReading, LateReading
+    try:
+        result = fit(step, ShardedBatchSampler(len(losses), 1, mesh=mesh, shuffle=False), lambda idx: (idx[0],),
+                     epochs=1, mesh=mesh, progress=False, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                     on_step=seen.append if mesh.rank in on_step_ranks else None)
+    finally:
+        train_module._LossReading = original
+    return result, calls, seen
+
+
+def test_late_reading_reports_every_step(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    mesh = pyro_sp.SPMesh()
+    original, train_module._LossReading = train_module._LossReading, LateReading
+    try:
+        result = fit(lambda i: torch.tensor(float(i) + 0.5), ShardedBatchSampler(6, 1, mesh=mesh, shuffle=False),
+                     lambda idx: (idx[0],), epochs=2, mesh=mesh, progress=False, log=MetricsLog(str(log), mesh=mesh))
+    finally:
+        train_module._LossReading = original
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["step"], r["epoch"], r["loss"]) for r in records] == [
+        (n + 1, n // 6, (n % 6) + 0.5) for n in range(12)]  # each step's own loss and epoch, across epochs
+    assert result["step"] == 12 and result["loss"] == 5.5
+
+
+def test_late_reading_nan_before_a_failing_step_is_the_error():
+    with pytest.raises(FloatingPointError, match=r"The loss is nan at step 3 \(epoch 0\)") as info:
+        late_fit([1.0, 2.0, float("nan"), 4.0, 5.0], fail_at=4)
+    assert isinstance(info.value.__context__, ValueError)  # step 4's own error, chained
+    with pytest.raises(ValueError, match="step 4 failed"):  # a finite loss before it: the step's error
+        late_fit([1.0, 2.0, 3.0, 4.0, 5.0], fail_at=4)
+
+
+def test_late_reading_checks_a_checkpointed_step_first(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    with pytest.raises(FloatingPointError, match="at step 4"):
+        late_fit([1.0, 2.0, 3.0, float("nan"), 5.0, 6.0], checkpoint=path, checkpoint_every=2)
+    with torch.random.fork_rng(devices=[]):  # loading restores the random state
+        assert load_checkpoint(path, mesh=pyro_sp.SPMesh())["step"] == 2  # step 4 raised before its own
+    result, calls, seen = late_fit([1.0, 2.0, 3.0], on_step_ranks=(0,))
+    assert seen == [1, 2, 3] and calls == [0, 1, 2] and result["loss"] == 3.0
+
+
+def nan_with_on_step_on_rank_0():
+    late_fit([1.0, float("nan"), 3.0, 4.0], on_step_ranks=(0,))
+
+
+def test_on_step_on_one_rank_reads_every_loss_at_once_on_all(pools):
+    # rank 0 reads step 2's loss at once; rank 1 must too, not go on into step 3's all-reduce alone
+    errors = pools(2).run_expecting_errors(nan_with_on_step_on_rank_0)
+    for kind, msg, trace in errors.values():
+        assert kind == "FloatingPointError" and "at step 2 (epoch 0)" in msg, msg
+        assert "During handling" not in trace, trace  # found at step 2, not after step 3's all-reduce failed
 
 
 # ---- elastic restart ----------------------------------------------------------------------
