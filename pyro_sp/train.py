@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from pyro_sp.checkpoint import load_checkpoint, save_checkpoint
 from pyro_sp.data.sampler import ShardedBatchSampler
+from pyro_sp.distributed.failure import aborted
 from pyro_sp.distributed.mesh import SPMesh
 
 __all__ = ["MetricsLog", "fit"]
@@ -134,11 +135,11 @@ def fit(
     total = epochs * per_epoch
     bar = tqdm(total=total, initial=done, disable=not progress or mesh.rank != 0, desc="SVI" if svi else "train",
                unit="step")
+    # every loss read as its step returns if any rank has on_step: all ranks stop at the same step
+    at_once = _on_any_rank(on_step is not None, mesh)
     loss, start, count = float("nan"), time.perf_counter(), done
     primed = svi is None or not resume
     pending = None  # (step, epoch, LossReading) of the last step whose loss is not read yet
-    # every loss read as its step returns if any rank has on_step: all ranks stop at the same step
-    at_once = _on_any_rank(on_step is not None, mesh)
 
     def settle() -> None:
         nonlocal loss, pending
@@ -170,7 +171,7 @@ def fit(
                     primed = True
                 reading = _LossReading(step(*args))
             except BaseException:
-                if pending is None:
+                if pending is None or aborted():  # an abort may have cut the step before short: not read
                     raise
                 settle()  # a non-finite loss before this step is the cause to report (every rank has it)
                 raise

@@ -325,6 +325,20 @@ def test_late_reading_checks_a_checkpointed_step_first(tmp_path):
     assert seen == [1, 2, 3] and calls == [0, 1, 2] and result["loss"] == 3.0
 
 
+def test_late_reading_on_step_sees_a_checked_step():
+    seen = []
+    original, train_module._LossReading = train_module._LossReading, LateReading
+    mesh = pyro_sp.SPMesh()
+    losses = [1.0, float("nan"), 3.0]
+    try:
+        with pytest.raises(FloatingPointError, match="at step 2"):
+            fit(lambda i: torch.tensor(losses[int(i)]), ShardedBatchSampler(3, 1, mesh=mesh, shuffle=False),
+                lambda idx: (idx[0],), epochs=1, mesh=mesh, progress=False, on_step=seen.append)
+    finally:
+        train_module._LossReading = original
+    assert seen == [1]  # on_step is not called for a step whose loss is not finite
+
+
 def nan_with_on_step_on_rank_0():
     late_fit([1.0, float("nan"), 3.0, 4.0], on_step_ranks=(0,))
 
