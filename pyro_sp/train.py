@@ -124,19 +124,15 @@ def fit(
         raise TypeError(f"Expected an SVI or a callable step(*batch) -> loss, got {type(step).__name__}.")
     state = {"optim": optim, "elbo": elbo, "objects": objects, "rank_objects": rank_objects}
     done, resumed_from = 0, None
-    resume = bool(checkpoint) and os.path.exists(checkpoint)
-    if mesh.is_distributed:  # rank 0 decides, so that no rank resumes alone
-        flag = [resume]
-        torch.distributed.broadcast_object_list(flag, src=0)
-        resume = flag[0]
+    # rank 0 decides whether to resume, so that no rank resumes alone; every loss is read as its step
+    # returns if any rank has on_step, so that all ranks stop at the same step
+    resume, at_once = _agree(bool(checkpoint) and os.path.exists(checkpoint), on_step is not None, mesh)
     if resume:
         done = resumed_from = load_checkpoint(checkpoint, mesh=mesh, **state)["step"]
     per_epoch = len(sampler)
     total = epochs * per_epoch
     bar = tqdm(total=total, initial=done, disable=not progress or mesh.rank != 0, desc="SVI" if svi else "train",
                unit="step")
-    # every loss read as its step returns if any rank has on_step: all ranks stop at the same step
-    at_once = _on_any_rank(on_step is not None, mesh)
     loss, start, count = float("nan"), time.perf_counter(), done
     primed = svi is None or not resume
     pending = None  # (step, epoch, LossReading) of the last step whose loss is not read yet
@@ -231,13 +227,14 @@ class _LossReading:
         return self._value
 
 
-def _on_any_rank(flag: bool, mesh: SPMesh) -> bool:
-    """``flag`` or-ed over the ranks (a collective when distributed)."""
+def _agree(resume: bool, on_step: bool, mesh: SPMesh) -> tuple[bool, bool]:
+    """Rank 0's ``resume`` and ``on_step`` or-ed over the ranks, on every rank (one collective when
+    distributed)."""
     if not mesh.is_distributed:
-        return flag
+        return resume, on_step
     flags = [None] * mesh.world_size
-    torch.distributed.all_gather_object(flags, flag)
-    return any(flags)
+    torch.distributed.all_gather_object(flags, (resume, on_step))
+    return flags[0][0], any(f[1] for f in flags)
 
 
 def _is_svi(step) -> bool:

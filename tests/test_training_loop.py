@@ -4,6 +4,7 @@ checkpoint/resume, NaN stop, the elastic restart, and the pyro-sp command."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -266,6 +267,16 @@ class LateReading(train_module._LossReading):
         return float(self._loss)
 
 
+@contextlib.contextmanager
+def late_readings():
+    """fit reads every loss late (:class:`LateReading`) inside."""
+    original, train_module._LossReading = train_module._LossReading, LateReading
+    try:
+        yield
+    finally:
+        train_module._LossReading = original
+
+
 def late_fit(losses, *, on_step_ranks=(), fail_at=None, checkpoint=None, checkpoint_every=0):
     """fit over ``losses`` (one per step, the same on every rank, each step an all-reduce when
     distributed: a mesh of sample groups) with every loss read late; ``on_step`` on ``on_step_ranks``;
@@ -282,25 +293,19 @@ def late_fit(losses, *, on_step_ranks=(), fail_at=None, checkpoint=None, checkpo
             tdist.all_reduce(loss, op=tdist.ReduceOp.MAX)
         return loss
 
-    original, train_module._LossReading = train_module._LossReading, LateReading
-    try:
+    with late_readings():
         result = fit(step, ShardedBatchSampler(len(losses), 1, mesh=mesh, shuffle=False), lambda idx: (idx[0],),
                      epochs=1, mesh=mesh, progress=False, checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                      on_step=seen.append if mesh.rank in on_step_ranks else None)
-    finally:
-        train_module._LossReading = original
     return result, calls, seen
 
 
 def test_late_reading_reports_every_step(tmp_path):
     log = tmp_path / "metrics.jsonl"
     mesh = pyro_sp.SPMesh()
-    original, train_module._LossReading = train_module._LossReading, LateReading
-    try:
+    with late_readings():
         result = fit(lambda i: torch.tensor(float(i) + 0.5), ShardedBatchSampler(6, 1, mesh=mesh, shuffle=False),
                      lambda idx: (idx[0],), epochs=2, mesh=mesh, progress=False, log=MetricsLog(str(log), mesh=mesh))
-    finally:
-        train_module._LossReading = original
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(r["step"], r["epoch"], r["loss"]) for r in records] == [
         (n + 1, n // 6, (n % 6) + 0.5) for n in range(12)]  # each step's own loss and epoch, across epochs
@@ -327,15 +332,11 @@ def test_late_reading_checks_a_checkpointed_step_first(tmp_path):
 
 def test_late_reading_on_step_sees_a_checked_step():
     seen = []
-    original, train_module._LossReading = train_module._LossReading, LateReading
     mesh = pyro_sp.SPMesh()
     losses = [1.0, float("nan"), 3.0]
-    try:
-        with pytest.raises(FloatingPointError, match="at step 2"):
-            fit(lambda i: torch.tensor(losses[int(i)]), ShardedBatchSampler(3, 1, mesh=mesh, shuffle=False),
-                lambda idx: (idx[0],), epochs=1, mesh=mesh, progress=False, on_step=seen.append)
-    finally:
-        train_module._LossReading = original
+    with late_readings(), pytest.raises(FloatingPointError, match="at step 2"):
+        fit(lambda i: torch.tensor(losses[int(i)]), ShardedBatchSampler(3, 1, mesh=mesh, shuffle=False),
+            lambda idx: (idx[0],), epochs=1, mesh=mesh, progress=False, on_step=seen.append)
     assert seen == [1]  # on_step is not called for a step whose loss is not finite
 
 
