@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """``MeanFieldVI(cuda_graphs=True)`` against the same compiled steps without graphs, on a CUDA
 device (skipped without one): bitwise the same losses, gradients and parameters through
-recaptures (a smaller batch, a new learning rate, a loaded optimizer state), a tensor learning
+recaptures (a smaller batch, a new learning rate, a loaded optimizer state), two batch sizes
+taking turns, a tensor learning
 rate updated in place, an optimizer that is not capturable, gradients given by the graph,
 gradient accumulation, and the caller's random state."""
 
@@ -89,6 +90,17 @@ def test_graph_steps_equal_steps_without_graphs(weight_noise):
     # keys: (16, no state) eager; (16) eager, captured, replayed; (7) eager, captured, replayed;
     # (16) replayed x2; (16, new lr) eager, captured
     assert graphs.captures == 3 and graphs.replays == 6
+
+
+def test_keys_taking_turns_are_both_captured():
+    """Two batch sizes taking turns from the first step: each runs once without a graph, and is
+    captured the next time it comes, with the other's step in between."""
+    batches = _batches([16, 7] * 4)
+    plain = _train("regenerated", False, batches)
+    graphs = _assert_same(plain, _train("regenerated", True, batches))
+    # keys: (16, no optimizer state) eager; (7) eager; (16) eager; (7) captured and replayed;
+    # (16) captured and replayed; three replays
+    assert graphs.captures == 2 and graphs.replays == 5
 
 
 def test_tensor_learning_rate_updated_in_place_keeps_the_graph():

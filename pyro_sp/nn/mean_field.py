@@ -314,7 +314,8 @@ class MeanFieldVI(torch.nn.Module):
         noise and arithmetic as the compiled step without graphs: a step's key (input
         shapes, the addresses of the parameters, gradients and optimizer state, the
         optimizer's hyperparameters, the modules' training flags, the precision settings)
-        runs once without a graph and is captured on its next step; the graph reads the
+        runs once without a graph and is captured the next time it comes (two batch sizes
+        taking turns are both captured); the graph reads the
         step's random stream when it is replayed. Checked on a GPU against the same
         compiled step without graphs (``tests/test_cuda_graphs.py``,
         ``benchmarks/graphs_check.py``). A new float learning rate is a new key: one step

@@ -21,8 +21,8 @@ running the step does:
   identity: a float learning rate set anew is a new key, a CUDA tensor one updated in
   place is not); the inputs' shapes, strides, dtypes and devices; the modules' training
   flags; torch's fp32 matmul and cuDNN TF32 settings and autocast; the estimator's
-  settings. A new key runs the step without a graph once, and is captured on its next
-  step.
+  settings. A new key runs the step without a graph once, and is captured the next
+  time it comes (other keys may come in between).
 - **Gradients given, not added.** A step that starts from zero gradients (an optimizer
   step) does not zero ``.grad`` and add into it: the graph's own gradient tensors are
   put in ``.grad`` after each replay, and every replay writes them again, as the whole-
@@ -46,6 +46,8 @@ __all__ = ["CAPACITY", "StepGraphs", "capturable", "seeded"]
 
 #: The most graphs one owner keeps (a step whose last batch is smaller needs two).
 CAPACITY = 2
+#: The most keys one owner remembers having run without a graph (captured when seen again).
+SEEN = 16
 
 
 def capturable(optimizer) -> bool:
@@ -126,7 +128,7 @@ class StepGraphs:
     def __init__(self, owner: str) -> None:
         self.owner = owner
         self._entries: OrderedDict = OrderedDict()
-        self._last_eager = None  # the key of the last step run without a graph
+        self._seen: OrderedDict = OrderedDict()  # keys run without a graph, the latest last
         self._pool = None
         self._stream: torch.cuda.Stream | None = None
         self.captures = 0  #: graphs captured so far
@@ -141,17 +143,21 @@ class StepGraphs:
 
         A key seen for the first time runs ``body`` now inside ``eager_rng()`` (the step's
         random stream, installed as it is without graphs); the next step with that key captures
-        it; later ones replay it, the generator seeded with ``seed`` (the same stream).
+        it, also when steps of other keys ran in between (two batch sizes taking turns are both
+        captured; the last :data:`SEEN` keys are remembered); later ones replay it, the
+        generator seeded with ``seed`` (the same stream).
 
         :returns: the step's loss, a tensor of its own, and what the step gives: from a replay,
             what the capture gave, whose tensors every replay writes again (kept alive with the
             graph; the owner puts them back where the step would have left them).
         """
         entry = self._entries.get(key)
-        if entry is None and key != self._last_eager:
+        if entry is None and key not in self._seen:
             with eager_rng():
                 loss, gives = body(*inputs)
-            self._last_eager = key  # ran (compiled, autotuned): captured the next time
+            self._seen[key] = None  # ran (compiled, autotuned): captured the next time it comes
+            while len(self._seen) > SEEN:
+                self._seen.popitem(last=False)
             return loss.detach(), gives
         device = inputs[0].device
         if entry is None:
